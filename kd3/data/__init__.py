@@ -1,0 +1,1 @@
+"""Data: image preprocessing, webdataset shards, manifests, the demo datasets and loopback server."""

@@ -1,0 +1,150 @@
+"""Reading the download stage's webdataset shards, keyed by uid.
+
+img2dataset writes, per shard, ``NNNNN.tar`` (successful samples: image + json with our uid) and
+``NNNNN.parquet`` (every input row with ``status`` and ``error_message``). Samples inside a tar are
+in completion order, so everything joins on uid, never on position.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Optional
+
+import pandas as pd
+import torch
+import webdataset as wds
+from torch.utils.data import IterableDataset, get_worker_info
+
+from kd3.data.images import decode_image, prepare_uint8
+from kd3.errors import Kd3Error
+from kd3.models.checkpoints import InputSpec
+
+log = logging.getLogger(__name__)
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+
+
+def shards_dir(download_dir: Path) -> Path:
+    return Path(download_dir) / "shards"
+
+
+def list_shards(download_dir: Path) -> list[Path]:
+    shards = sorted(shards_dir(download_dir).glob("*.tar"))
+    if not shards:
+        raise Kd3Error(f"no webdataset shards (*.tar) in {shards_dir(download_dir)}; run `kd3 download` first")
+    return shards
+
+
+def read_download_index(download_dir: Path, columns: Optional[list[str]] = None) -> pd.DataFrame:
+    """Every URL of the download (successes and failures), with its shard, from the per-shard parquet."""
+    frames = []
+    for parquet in sorted(shards_dir(download_dir).glob("*.parquet")):
+        frame = pd.read_parquet(parquet, columns=columns)
+        frame["shard"] = parquet.stem
+        frames.append(frame)
+    if not frames:
+        raise Kd3Error(f"no per-shard parquet files in {shards_dir(download_dir)}; run `kd3 download` first")
+    return pd.concat(frames, ignore_index=True)
+
+
+class _SkipCounter:
+    """Rate-limited logging of undecodable samples (the first, then every 100th)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def __call__(self, where: str, reason: str) -> None:
+        self.count += 1
+        if self.count == 1 or self.count % 100 == 0:
+            log.warning("skipping undecodable sample %s (%s); %d skipped so far", where, reason, self.count)
+
+
+def iter_raw_samples(shard_paths: list[Path]) -> Iterator[dict[str, Any]]:
+    """(uid, url, key, shard, image bytes) per sample, in file order, tolerating odd entries."""
+    urls = [str(p) for p in shard_paths]
+    # workersplitter=None: callers split shards themselves (see ShardImages), which keeps order exact
+    dataset = wds.WebDataset(urls, shardshuffle=False, handler=wds.warn_and_continue,
+                             nodesplitter=None, workersplitter=None, empty_check=False)
+    for sample in dataset:
+        image_ext = next((ext for ext in IMAGE_EXTENSIONS if ext in sample), None)
+        if image_ext is None or "json" not in sample:
+            continue  # end-of-shard markers and samples without an image
+        meta = json.loads(sample["json"])
+        yield {
+            "uid": meta.get("uid") or sample["__key__"],
+            "url": meta.get("url", ""),
+            "key": sample["__key__"],
+            "shard": Path(sample.get("__url__", "")).stem,
+            "bytes": sample[image_ext],
+        }
+
+
+class ShardImages(IterableDataset):
+    """Decoded, resized uint8 images from shards, optionally restricted to a uid → row mapping.
+
+    Yields ``{"row": int, "uid": str, "image": uint8 [C, H, W]}`` where ``row`` indexes the score
+    cache (or -1 without a mapping). With ``shuffle=True`` the shard order and a buffer of
+    ``shuffle_buffer`` samples are shuffled from ``seed`` and ``epoch``, so an epoch's order is
+    reproducible (with num_workers=0 exactly; with workers per worker).
+    """
+
+    def __init__(self, shard_paths: list[Path], spec: InputSpec, uid_to_row: Optional[Mapping[str, int]] = None,
+                 shuffle: bool = False, shuffle_buffer: int = 2048, seed: int = 0, epoch: int = 0):
+        super().__init__()
+        self.shard_paths = list(shard_paths)
+        self.spec = spec
+        self.uid_to_row = uid_to_row
+        self.shuffle = shuffle
+        self.shuffle_buffer = shuffle_buffer
+        self.seed = seed
+        self.epoch = epoch
+        self.skipped = _SkipCounter()
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _my_shards(self) -> tuple[list[Path], random.Random]:
+        info = get_worker_info()
+        worker, n_workers = (info.id, info.num_workers) if info else (0, 1)
+        rng = random.Random(f"{self.seed}-{self.epoch}-{worker}")
+        shards = list(self.shard_paths)
+        if self.shuffle:
+            random.Random(f"{self.seed}-{self.epoch}").shuffle(shards)
+        return shards[worker::n_workers], rng
+
+    def _decoded(self, shards: list[Path]) -> Iterator[dict[str, Any]]:
+        for sample in iter_raw_samples(shards):
+            row = -1
+            if self.uid_to_row is not None:
+                row = self.uid_to_row.get(sample["uid"], None)
+                if row is None:
+                    continue
+            try:
+                image = prepare_uint8(decode_image(sample["bytes"]), self.spec)
+            except Exception as exc:  # PIL raises many types for corrupt files
+                self.skipped(f"{sample['shard']}/{sample['key']}", type(exc).__name__)
+                continue
+            yield {"row": row, "uid": sample["uid"], "image": image}
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        shards, rng = self._my_shards()
+        if not self.shuffle:
+            yield from self._decoded(shards)
+            return
+        buffer: list[dict[str, Any]] = []
+        for item in self._decoded(shards):
+            if len(buffer) < self.shuffle_buffer:
+                buffer.append(item)
+                continue
+            i = rng.randrange(len(buffer))
+            buffer[i], item = item, buffer[i]
+            yield item
+        rng.shuffle(buffer)
+        yield from buffer
+
+
+def image_loader(dataset: ShardImages, batch_size: int, num_workers: int) -> torch.utils.data.DataLoader:
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
+                                       persistent_workers=False)

@@ -1,0 +1,1 @@
+"""Method code: pure torch functions (no I/O) for losses, selection rules, averaging and metrics."""

@@ -1,0 +1,8 @@
+"""Models: registry, checkpoints and the uniform feature interface."""
+
+from kd3.models.base import FeatureOutput, Kd3Model
+from kd3.models.checkpoints import InputSpec, ModelMeta, load_model, read_checkpoint, save_checkpoint
+from kd3.models.registry import MODELS, build_model
+
+__all__ = ["FeatureOutput", "Kd3Model", "InputSpec", "ModelMeta", "MODELS", "build_model", "load_model",
+           "read_checkpoint", "save_checkpoint"]

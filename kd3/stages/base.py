@@ -1,0 +1,43 @@
+"""The contract every stage follows, and the one function that runs a stage under it.
+
+A stage module defines ``NAME``, ``SUMMARY``, ``SECTIONS`` (config sections its output depends
+on), ``check(cfg, run_dir)`` (validate inputs before any work; returns input fingerprints) and
+``run(cfg, out: StageDir) -> dict`` (does the work, returns counts for meta.json).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from kd3.config import PipelineConfig
+from kd3.runs import Mode, open_stage
+
+
+def execute(stage: ModuleType, cfg: PipelineConfig, run_dir: Path, mode: Mode,
+            argv: list[str] | None = None, dry_run: bool = False) -> dict[str, Any]:
+    """check → apply the folder policy → run → write meta.json (complete or failed)."""
+    run_dir = Path(run_dir)
+    inputs = stage.check(cfg, run_dir)
+    if dry_run:
+        print(f"[{stage.NAME}] dry run: config and inputs valid; would write {run_dir / stage.NAME}")
+        return {}
+    config = {name: cfg.section(name) for name in stage.SECTIONS}
+    config["run"] = cfg.section("run")
+    out = open_stage(run_dir, stage.NAME, config, cfg.fingerprint(*stage.SECTIONS), inputs, mode, argv)
+    if out.up_to_date:
+        print(f"[{stage.NAME}] up to date in {out.path} (finished {out.meta.get('finished_at')}); "
+              "pass --overwrite to redo it")
+        return dict(out.meta.get("counts", {}))
+    start = time.monotonic()
+    try:
+        counts = stage.run(cfg, out)
+    except BaseException as exc:
+        out.fail(f"{type(exc).__name__}: {exc}")
+        raise
+    counts["seconds"] = round(time.monotonic() - start, 2)
+    out.finish(counts)
+    print(f"[{stage.NAME}] done in {counts['seconds']:.1f}s -> {out.path}")
+    return counts

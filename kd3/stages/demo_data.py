@@ -1,0 +1,97 @@
+"""demo-data: train the demo teacher on private digits and write the web pool for the loopback crawl.
+
+Outputs in ``RUN/demo-data/``: ``teacher.pt`` (kd3 checkpoint), ``private_test.npz`` (the private
+test split: images uint8 [N,S,S], labels), ``mnist_shifted_test.npz`` (MNIST digits kept out of the
+pool, with true labels: a shifted evaluation domain), ``web/`` (files the loopback server serves),
+``teacher_metrics.jsonl``; and the URL list at ``demo_data.url_list``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from kd3.config import PipelineConfig
+from kd3.data.demo import private_digits, random_affine, write_web_pool
+from kd3.models import InputSpec, ModelMeta, build_model, save_checkpoint
+from kd3.runs import StageDir, append_jsonl, atomic_path
+from kd3.runtime import configure
+
+NAME = "demo-data"
+SUMMARY = "train the demo teacher on private digits; write the web pool and its URL list"
+SECTIONS = ("demo_data",)
+
+
+def check(cfg: PipelineConfig, run_dir: Path) -> dict[str, str]:
+    return {}
+
+
+def _train_teacher(cfg: PipelineConfig, out: StageDir, device: torch.device):
+    dd = cfg.demo_data
+    x_train, y_train, x_test, y_test = private_digits(dd.image_size, dd.test_fraction, cfg.run.seed)
+    pixels = x_train.float() / 255.0
+    spec = InputSpec(image_size=dd.image_size, channels=1, mean=(round(pixels.mean().item(), 4),),
+                     std=(round(pixels.std().item(), 4),))
+    meta = ModelMeta(arch=dd.teacher.arch, options=dd.teacher.options, num_classes=10,
+                     class_names=[str(i) for i in range(10)], input=spec)
+    model = build_model(meta.arch, meta.num_classes, spec.channels, meta.options).to(device)
+    steps_per_epoch = -(-len(y_train) // dd.teacher_batch_size)
+    optimizer = torch.optim.SGD(model.parameters(), lr=dd.teacher_lr, momentum=0.9, weight_decay=5e-4, nesterov=True)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=dd.teacher_lr,
+                                                    total_steps=dd.teacher_epochs * steps_per_epoch)
+    gen = torch.Generator().manual_seed(cfg.run.seed)
+    mean, std = spec.mean[0], spec.std[0]
+    x_test_n = ((x_test.float() / 255.0 - mean) / std).to(device)
+    for epoch in range(dd.teacher_epochs):
+        model.train()
+        order = torch.randperm(len(y_train), generator=gen)
+        total, correct, loss_sum = 0, 0, 0.0
+        for start in range(0, len(order), dd.teacher_batch_size):
+            idx = order[start:start + dd.teacher_batch_size]
+            # augment in [0, 1] space (zero = background), then normalise
+            xb = random_affine(x_train[idx].float() / 255.0, gen)
+            xb, yb = ((xb - mean) / std).to(device), y_train[idx].to(device)
+            logits = model(xb)
+            loss = F.cross_entropy(logits, yb)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            loss_sum += loss.item() * len(idx)
+            correct += (logits.argmax(1) == yb).sum().item()
+            total += len(idx)
+        model.eval()
+        with torch.no_grad():
+            test_acc = (model(x_test_n).argmax(1).cpu() == y_test).float().mean().item()
+        record = {"epoch": epoch, "loss": loss_sum / total, "train_acc": correct / total, "private_test_acc": test_acc}
+        append_jsonl(out.path / "teacher_metrics.jsonl", record)
+        print(f"[{NAME}] teacher epoch {epoch + 1}/{dd.teacher_epochs}: loss {record['loss']:.3f} "
+              f"train acc {record['train_acc']:.3f} private test acc {test_acc:.3f}")
+    save_checkpoint(out.path / "teacher.pt", model, meta, trained_on="sklearn digits (private train split)")
+    return x_test, y_test, test_acc, len(y_train)
+
+
+def _save_npz(path: Path, **arrays: Any) -> None:
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as fh:
+            np.savez_compressed(fh, **arrays)
+
+
+def run(cfg: PipelineConfig, out: StageDir) -> dict[str, Any]:
+    device = configure(cfg.run)
+    dd = cfg.demo_data
+    x_test, y_test, test_acc, n_train = _train_teacher(cfg, out, device)
+    _save_npz(out.path / "private_test.npz", images=x_test[:, 0].numpy(), labels=y_test.numpy())
+    urls, held_out = write_web_pool(out.path / "web", dd.web_mnist, dd.web_natural_crops, dd.web_broken, cfg.run.seed)
+    _save_npz(out.path / "mnist_shifted_test.npz", images=held_out["images"], labels=held_out["labels"])
+    url_list = Path(dd.url_list)
+    with atomic_path(url_list) as tmp:
+        urls.to_parquet(tmp, index=False)
+    print(f"[{NAME}] teacher private test accuracy {test_acc:.4f}; web pool of {len(urls)} URLs -> {url_list}")
+    return {"private_train": n_train, "private_test": len(y_test), "teacher_private_test_acc": round(test_acc, 4),
+            "web_urls": len(urls), "web_by_source": urls["source"].value_counts().to_dict(),
+            "mnist_shifted_test": len(held_out["labels"]), "url_list": str(url_list)}
