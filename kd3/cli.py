@@ -44,7 +44,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--dry-run", action="store_true", help="validate config and inputs, then stop")
     p = sub.add_parser("validate", help="validate a pipeline config (all sections) without running anything")
     _add_common(p)
-    sub.add_parser("models", help="list the registered model architectures")
+    from kd3.commands import discover
+
+    for name, command in discover().items():
+        p = sub.add_parser(name, help=command.SUMMARY, description=(command.__doc__ or command.SUMMARY).strip())
+        command.add_arguments(p)
     return parser
 
 
@@ -72,12 +76,11 @@ def _dispatch(args: argparse.Namespace, argv: list[str]) -> int:
     from kd3.stages import STAGES
     from kd3.stages.base import execute
 
-    if args.command == "models":
-        from kd3.models import MODELS
+    from kd3.commands import discover
 
-        for name in MODELS.names():
-            print(f"{name:28s} {MODELS.describe(name)}")
-        return 0
+    commands = discover()
+    if args.command in commands:
+        return int(commands[args.command].main(args) or 0)
     cfg = load_config(args.config, args.overrides)
     run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(args.config)
     if args.command == "validate":
