@@ -59,7 +59,13 @@ def default_run_dir(config_path: str) -> Path:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # overrides may follow flags (`train --resume train.epochs=3`), which argparse's nargs="*" misses
+    args, extras = parser.parse_known_args(argv)
+    unknown_flags = [x for x in extras if x.startswith("-") or "=" not in x]
+    if unknown_flags or (extras and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(unknown_flags or extras)}")
+    if extras:
+        args.overrides = [*args.overrides, *extras]
     logging.basicConfig(level=os.environ.get("KD3_LOG_LEVEL", "WARNING"), format="%(levelname)s %(name)s: %(message)s")
     try:
         return _dispatch(args, argv)

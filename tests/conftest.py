@@ -1,0 +1,44 @@
+"""Shared fixtures: a toy-scale run of the demo pipeline, built once per test session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+REPO = Path(__file__).resolve().parents[1]
+DEMO_CONFIG = REPO / "pipelines" / "demo.yaml"
+
+
+def toy_overrides(tmp: Path) -> list[str]:
+    """A pipeline small enough for CI: 2-epoch teacher, 120-image pool, 2-epoch student."""
+    url_list = tmp / "urls.parquet"
+    return [
+        "run.device=cpu",
+        "demo_data.teacher_epochs=2",
+        "demo_data.web_mnist=90",
+        "demo_data.web_natural_crops=30",
+        f"demo_data.url_list={url_list}",
+        f"download.url_list={url_list}",
+        "download.number_sample_per_shard=50",
+        "download.thread_count=4",
+        "select.threshold=0.3",
+        "train.epochs=2",
+        "train.batch_size=32",
+    ]
+
+
+@pytest.fixture(scope="session")
+def toy_run(tmp_path_factory):
+    """Run every stage of the demo pipeline at toy scale; return (run_dir, overrides)."""
+    from kd3.cli import main
+
+    tmp = tmp_path_factory.mktemp("toy")
+    run_dir = tmp / "run"
+    overrides = toy_overrides(tmp)
+    for stage in ("demo-data", "download", "score", "select", "train", "evaluate"):
+        code = main([stage, "--config", str(DEMO_CONFIG), "--run-dir", str(run_dir), *overrides])
+        assert code == 0, f"stage {stage} failed"
+    return run_dir, overrides
