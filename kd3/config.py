@@ -114,8 +114,10 @@ class SelectSection(Section):
 
 class TrainSection(Section):
     student: ModelSpec = Field(default_factory=lambda: ModelSpec(arch="small_cnn", options={"widths": [8, 16, 32], "convs_per_stage": 1}))
-    method: Literal["kd"] = "kd"
-    #: "selected": the select stage's manifest; "all": every downloaded sample
+    #: "kd": KL(p_T‖p_S) on cached teacher logits; "kd3": KD³ (the kd3 section), selection inside train
+    method: Literal["kd", "kd3"] = "kd"
+    #: for method=kd: "selected" = the select stage's manifest, "all" = every downloaded sample
+    #: (method=kd3 always trains on the pool and selects per epoch, see kd3.selection)
     data: Literal["selected", "all"] = "selected"
     epochs: int = Field(default=10, ge=1)
     batch_size: int = Field(default=128, ge=1)
@@ -127,6 +129,72 @@ class TrainSection(Section):
     step_milestones: list[float] = Field(default_factory=lambda: [0.625, 0.75, 0.875])
     temperature: float = Field(default=4.0, gt=0)
     num_workers: int = Field(default=0, ge=0)
+
+
+#: named KD³ presets; a preset fills every kd3 key the config does not set explicitly
+KD3_PRESETS: dict[str, dict[str, Any]] = {
+    # the reference behaviour of the paper's code (METHODS.md §1), nothing from §6
+    "kd3-paper": {"selection": "dynamic", "tau": 0.95, "alpha_mode": "reference", "threshold_floor": 0.0,
+                  "max_class_share": None, "feature_alignment": True, "feature_weight": "sigmoid",
+                  "shared_classifier": True, "projector_factor": 2, "mixdistribution": True, "mix_beta": 0.1,
+                  "mix_p": 1.0, "contrastive_weight": 0.001, "contrastive_temperature": 0.3, "embed_dim": 128,
+                  "teacher_contrastive": True, "kl_weight": 0.0},
+}
+
+
+class Kd3Section(Section):
+    """KD³ (METHODS.md §1). Every part can be switched off for ablations."""
+
+    #: fill unset keys from a named preset (see KD3_PRESETS); explicit keys still win
+    preset: Optional[Literal["kd3-paper"]] = None
+    #: "dynamic": combined teacher+student predictions each epoch (§1a); "teacher": α = 1 (teacher only,
+    #: class-adaptive thresholds); "all": no selection
+    selection: Literal["dynamic", "teacher", "all"] = "dynamic"
+    tau: float = Field(default=0.95, gt=0, le=1)
+    #: α schedule: "reference" (relative to train.epochs, cut at half), "absolute" (240-epoch constants),
+    #: "smooth" (relative, no cut)
+    alpha_mode: Literal["reference", "absolute", "smooth"] = "reference"
+    #: lower bound of every class threshold τ_k (0 = paper; guards against τ_k → 0 for rare classes)
+    threshold_floor: float = Field(default=0.0, ge=0, le=1)
+    #: cap on any class's share of the selected set (None = paper)
+    max_class_share: Optional[float] = Field(default=None, gt=0, le=1)
+    #: weighted feature alignment L_fa (§1c)
+    feature_alignment: bool = True
+    feature_weight: Literal["sigmoid", "batch_normalised"] = "sigmoid"
+    #: student logits through the teacher's frozen classifier via a projector (§1b)
+    shared_classifier: bool = True
+    projector_factor: int = Field(default=2, ge=1)
+    #: MixDistribution contrastive block (§1d)
+    mixdistribution: bool = True
+    mix_beta: float = Field(default=0.1, gt=0)
+    mix_p: float = Field(default=1.0, ge=0, le=1)
+    contrastive_weight: float = Field(default=0.001, ge=0)
+    contrastive_temperature: float = Field(default=0.3, gt=0)
+    embed_dim: int = Field(default=128, ge=1)
+    #: the teacher-side NT-Xent term; it trains only the teacher's embedding head, never the student
+    teacher_contrastive: bool = True
+    #: optional KL(p_T‖p_S) term (off in the paper); needed when shared_classifier is off
+    kl_weight: float = Field(default=0.0, ge=0)
+    kl_temperature: float = Field(default=4.0, gt=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_preset(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("preset") is not None:
+            preset = KD3_PRESETS.get(data["preset"])
+            if preset is None:
+                return data  # the Literal check reports the unknown name
+            data = {**preset, **data}
+        return data
+
+    @model_validator(mode="after")
+    def _ablation_trains_something(self) -> "Kd3Section":
+        if not self.shared_classifier and self.kl_weight == 0:
+            raise ValueError("with shared_classifier off the student's own classifier is only trained by the KL "
+                             "term: set kd3.kl_weight > 0 (e.g. kd3.kl_weight=1)")
+        if not self.feature_alignment and self.kl_weight == 0:
+            raise ValueError("with feature_alignment off nothing supervises the student: set kd3.kl_weight > 0")
+        return self
 
 
 class EvalDataset(Section):
@@ -151,6 +219,23 @@ class EvaluateSection(Section):
         return value
 
 
+class InspectSection(Section):
+    """What ``kd3 inspect`` shows: contact-sheet sizes and histogram resolution."""
+
+    #: most confident selected samples per class on each contact sheet
+    top_n: int = Field(default=16, ge=0)
+    #: least confident selected samples per class (not repeating the top ones)
+    bottom_n: int = Field(default=8, ge=0)
+    #: most confident rejected samples per class (the near misses); 0 leaves them out
+    rejected_n: int = Field(default=8, ge=0)
+    #: contact sheets for the first this-many classes only; None: every class
+    max_classes: Optional[int] = Field(default=None, ge=1)
+    #: tile edge in pixels
+    thumbnail_size: int = Field(default=64, ge=16, le=512)
+    #: bins of the confidence histograms over [0, 1]
+    histogram_bins: int = Field(default=20, ge=2, le=200)
+
+
 class PipelineConfig(Section):
     run: RunSection = Field(default_factory=RunSection)
     demo_data: DemoDataSection = Field(default_factory=DemoDataSection)
@@ -158,7 +243,9 @@ class PipelineConfig(Section):
     score: ScoreSection
     select: SelectSection = Field(default_factory=SelectSection)
     train: TrainSection = Field(default_factory=TrainSection)
+    kd3: Kd3Section = Field(default_factory=Kd3Section)
     evaluate: EvaluateSection
+    inspect: InspectSection = Field(default_factory=InspectSection)
 
     #: where the config came from (for error messages); not part of the YAML
     source: str = Field(default="<config>", exclude=True)

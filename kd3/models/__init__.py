@@ -6,3 +6,4 @@ from kd3.models.registry import MODELS, build_model
 
 __all__ = ["FeatureOutput", "Kd3Model", "InputSpec", "ModelMeta", "MODELS", "build_model", "load_model",
            "read_checkpoint", "save_checkpoint"]
+from kd3.models.distilled import DistilledStudent, load_student  # noqa: E402  (registers kd3_student)

@@ -1,0 +1,130 @@
+"""Training objectives: what one optimisation step computes, as torch modules without I/O.
+
+An objective owns the student and any training-only parts (projector, embedding heads), takes a
+batch (student view, teacher view, cached teacher logits) and returns the total loss, its named
+terms and the per-sample feature-alignment weights. The train stage does the looping and I/O.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import nn
+
+from kd3.methods.kd import kd_loss
+from kd3.methods.kd3_losses import feature_weights, nt_xent, weighted_feature_alignment
+from kd3.methods.mixdistribution import _sample_beta, mix_distribution
+from kd3.models.base import Kd3Model
+from kd3.models.distilled import DistilledStudent
+from kd3.models.projector import EmbeddingHead, Projector
+
+
+@dataclass
+class StepOutput:
+    loss: torch.Tensor
+    #: named loss terms (already weighted as they enter the total), as Python floats
+    terms: dict[str, float]
+    #: per-sample feature-alignment weights w_i [B] (None when the method has none)
+    weights: Optional[torch.Tensor] = None
+
+
+class KDObjective(nn.Module):
+    """Plain KD: KL(p_T ‖ p_S)·τ² against cached teacher logits; the teacher is never run."""
+
+    needs_teacher = False
+
+    def __init__(self, student: Kd3Model, temperature: float):
+        super().__init__()
+        self.student = student
+        self.temperature = temperature
+
+    def forward(self, x_student: torch.Tensor, x_teacher: Optional[torch.Tensor], teacher_logits: torch.Tensor,
+                generator: Optional[torch.Generator] = None) -> StepOutput:
+        loss = kd_loss(self.student(x_student), teacher_logits, self.temperature)
+        return StepOutput(loss=loss, terms={"kd": loss.item()})
+
+
+class KD3Objective(nn.Module):
+    """KD³ (METHODS.md §1b–1d): weighted feature alignment through a projector, the teacher's
+    frozen classifier shared by the student, and the MixDistribution contrastive block.
+
+    ``student`` is a :class:`DistilledStudent` when the classifier is shared (its projector and the
+    teacher head live inside it and are deployed), else a plain student with a training-only
+    projector for feature alignment. The student-side contrastive term uses the student
+    backbone's own pooled feature (so its gradient reaches the backbone directly); the teacher-side
+    term trains only ``g_T`` (the teacher is frozen and no gradient path reaches the student).
+    """
+
+    needs_teacher = True
+
+    def __init__(self, student: Kd3Model, teacher: Kd3Model, teacher_map_shape: tuple[int, int, int], *,
+                 feature_alignment: bool = True, feature_weight: str = "sigmoid", mixdistribution: bool = True,
+                 mix_beta: float = 0.1, mix_p: float = 1.0, contrastive_weight: float = 0.001,
+                 contrastive_temperature: float = 0.3, embed_dim: int = 128, teacher_contrastive: bool = True,
+                 kl_weight: float = 0.0, kl_temperature: float = 4.0, projector_factor: int = 2):
+        super().__init__()
+        self.student = student
+        self.shared = isinstance(student, DistilledStudent)
+        backbone = student.backbone if self.shared else student
+        self.projector = None if self.shared else Projector(backbone.feature_channels, teacher_map_shape[0],
+                                                            factor=projector_factor)
+        self.teacher_map_size = tuple(teacher_map_shape[1:])
+        # the frozen teacher is kept out of this module's parameters and state dict on purpose
+        self.__dict__["teacher"] = teacher
+        self.feature_alignment = feature_alignment
+        self.feature_weight = feature_weight
+        self.mixdistribution = mixdistribution
+        self.mix_beta, self.mix_p = mix_beta, mix_p
+        self.contrastive_weight = contrastive_weight
+        self.contrastive_temperature = contrastive_temperature
+        self.teacher_contrastive = teacher_contrastive and mixdistribution
+        self.kl_weight, self.kl_temperature = kl_weight, kl_temperature
+        self.g_s = EmbeddingHead(backbone.feature_dim, embed_dim) if mixdistribution else None
+        self.g_t = EmbeddingHead(teacher.feature_dim, embed_dim) if self.teacher_contrastive else None
+
+    @property
+    def backbone(self) -> Kd3Model:
+        return self.student.backbone if self.shared else self.student
+
+    def _project(self, student_map: torch.Tensor) -> torch.Tensor:
+        if self.shared:
+            return self.student.project(student_map)
+        return self.projector(student_map, self.teacher_map_size)
+
+    def forward(self, x_student: torch.Tensor, x_teacher: torch.Tensor, teacher_logits: torch.Tensor,
+                generator: Optional[torch.Generator] = None) -> StepOutput:
+        teacher = self.__dict__["teacher"]
+        with torch.no_grad():
+            t_out = teacher.extract(x_teacher)
+        student_map = self.backbone.forward_features(x_student)
+        projected = self._project(student_map)
+        logits = self.student.head(projected) if self.shared else self.backbone.head(student_map)
+        weights = feature_weights(logits, teacher_logits, mode=self.feature_weight)
+        terms: dict[str, torch.Tensor] = {}
+        if self.feature_alignment:
+            terms["fa"] = weighted_feature_alignment(projected, t_out.feature_map, weights)
+        if self.mixdistribution:
+            batch = x_student.shape[0]
+            # one λ and permutation for both views, so student and teacher see the same perturbation
+            lam = _sample_beta(batch, self.mix_beta, generator).to(x_student.device)
+            perm = torch.randperm(batch, generator=generator).to(x_student.device)
+            if self.mix_p < 1 and torch.rand(1, generator=generator).item() >= self.mix_p:
+                lam = torch.ones_like(lam)  # this batch is left unperturbed (probability 1 − p)
+            x_mix = mix_distribution(x_student, lam=lam, perm=perm)
+            f_s = self.backbone.pool(student_map)
+            f_s_mix = self.backbone.pool(self.backbone.forward_features(x_mix))
+            terms["con_s"] = self.contrastive_weight * nt_xent(self.g_s(f_s), self.g_s(f_s_mix),
+                                                               self.contrastive_temperature)
+            if self.teacher_contrastive:
+                with torch.no_grad():
+                    x_t_mix = x_mix if x_teacher is x_student else mix_distribution(
+                        x_teacher, lam=lam, perm=perm)
+                    f_t_mix = teacher.extract(x_t_mix).pooled
+                terms["con_t"] = self.contrastive_weight * nt_xent(self.g_t(t_out.pooled), self.g_t(f_t_mix),
+                                                                   self.contrastive_temperature)
+        if self.kl_weight > 0:
+            terms["kl"] = self.kl_weight * kd_loss(logits, teacher_logits, self.kl_temperature)
+        loss = torch.stack(list(terms.values())).sum()
+        return StepOutput(loss=loss, terms={k: v.item() for k, v in terms.items()}, weights=weights)
