@@ -116,6 +116,8 @@ class TrainSection(Section):
     student: ModelSpec = Field(default_factory=lambda: ModelSpec(arch="small_cnn", options={"widths": [8, 16, 32], "convs_per_stage": 1}))
     #: "kd": KL(p_T‖p_S) on cached teacher logits; "kd3": KD³ (the kd3 section), selection inside train
     method: Literal["kd", "kd3"] = "kd"
+    #: output folder name under the run, so variants (e.g. plain KD beside KD³) share upstream stages
+    output: str = Field(default="train", pattern=r"^train[A-Za-z0-9_.-]*$")
     #: for method=kd: "selected" = the select stage's manifest, "all" = every downloaded sample
     #: (method=kd3 always trains on the pool and selects per epoch, see kd3.selection)
     data: Literal["selected", "all"] = "selected"

@@ -28,6 +28,8 @@ class StepOutput:
     terms: dict[str, float]
     #: per-sample feature-alignment weights w_i [B] (None when the method has none)
     weights: Optional[torch.Tensor] = None
+    #: the same terms as graph-attached tensors (for gradient checks and custom logging)
+    tensors: Optional[dict[str, torch.Tensor]] = None
 
 
 class KDObjective(nn.Module):
@@ -43,7 +45,7 @@ class KDObjective(nn.Module):
     def forward(self, x_student: torch.Tensor, x_teacher: Optional[torch.Tensor], teacher_logits: torch.Tensor,
                 generator: Optional[torch.Generator] = None) -> StepOutput:
         loss = kd_loss(self.student(x_student), teacher_logits, self.temperature)
-        return StepOutput(loss=loss, terms={"kd": loss.item()})
+        return StepOutput(loss=loss, terms={"kd": loss.item()}, tensors={"kd": loss})
 
 
 class KD3Objective(nn.Module):
@@ -127,4 +129,4 @@ class KD3Objective(nn.Module):
         if self.kl_weight > 0:
             terms["kl"] = self.kl_weight * kd_loss(logits, teacher_logits, self.kl_temperature)
         loss = torch.stack(list(terms.values())).sum()
-        return StepOutput(loss=loss, terms={k: v.item() for k, v in terms.items()}, weights=weights)
+        return StepOutput(loss=loss, terms={k: v.item() for k, v in terms.items()}, weights=weights, tensors=terms)

@@ -2,7 +2,8 @@
 
 A stage module defines ``NAME``, ``SUMMARY``, ``SECTIONS`` (config sections its output depends
 on), ``check(cfg, run_dir)`` (validate inputs before any work; returns input fingerprints) and
-``run(cfg, out: StageDir) -> dict`` (does the work, returns counts for meta.json).
+``run(cfg, out: StageDir) -> dict`` (does the work, returns counts for meta.json). A stage whose
+output folder name is configurable also defines ``output_name(cfg)``.
 """
 
 from __future__ import annotations
@@ -21,12 +22,13 @@ def execute(stage: ModuleType, cfg: PipelineConfig, run_dir: Path, mode: Mode,
     """check → apply the folder policy → run → write meta.json (complete or failed)."""
     run_dir = Path(run_dir)
     inputs = stage.check(cfg, run_dir)
+    folder = stage.output_name(cfg) if hasattr(stage, "output_name") else stage.NAME
     if dry_run:
-        print(f"[{stage.NAME}] dry run: config and inputs valid; would write {run_dir / stage.NAME}")
+        print(f"[{stage.NAME}] dry run: config and inputs valid; would write {run_dir / folder}")
         return {}
     config = {name: cfg.section(name) for name in stage.SECTIONS}
     config["run"] = cfg.section("run")
-    out = open_stage(run_dir, stage.NAME, config, cfg.fingerprint(*stage.SECTIONS), inputs, mode, argv)
+    out = open_stage(run_dir, folder, config, cfg.fingerprint(*stage.SECTIONS), inputs, mode, argv)
     if out.up_to_date:
         print(f"[{stage.NAME}] up to date in {out.path} (finished {out.meta.get('finished_at')}); "
               "pass --overwrite to redo it")

@@ -50,6 +50,11 @@ SECTIONS = ("train", "kd3")
 SELECTION_DIR = "selection"
 
 
+def output_name(cfg: PipelineConfig) -> str:
+    """``RUN/<train.output>/``: "train" unless a variant run names its own folder."""
+    return cfg.train.output
+
+
 def check(cfg: PipelineConfig, run_dir: Path) -> dict[str, str]:
     require_complete(run_dir, "score", NAME)
     inputs = {"score": stage_input_fingerprint(run_dir, "score")}
