@@ -16,7 +16,7 @@ export PYTHONUNBUFFERED := 1
 KD3 := $(VENV)/bin/kd3
 STAMP := $(VENV)/.kd3-installed
 
-.PHONY: help install demo test demo-data download score select train evaluate validate clean-run
+.PHONY: help install demo test demo-data download score select train train-kd evaluate validate
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -37,6 +37,7 @@ demo: $(STAMP) ## run the whole pipeline on the embedded demo (CPU, minutes)
 	$(KD3) score --config $(CONFIG) --run-dir $(RUN) --resume $(ARGS)
 	$(KD3) select --config $(CONFIG) --run-dir $(RUN) --resume $(ARGS)
 	$(KD3) train --config $(CONFIG) --run-dir $(RUN) --resume $(ARGS)
+	$(KD3) train --config $(CONFIG) --run-dir $(RUN) --resume train.method=kd train.output=train-kd $(ARGS)
 	$(KD3) evaluate --config $(CONFIG) --run-dir $(RUN) --resume $(ARGS)
 	@echo "Results: $(RUN)/evaluate/report.md  (run folder: $(RUN))"
 
@@ -60,6 +61,9 @@ select: $(STAMP) ## selection manifest
 
 train: $(STAMP) ## train the student (checkpoint + metrics per epoch)
 	$(KD3) train --config $(CONFIG) --run-dir $(RUN) $(ARGS)
+
+train-kd: $(STAMP) ## train the plain-KD baseline into RUN/train-kd
+	$(KD3) train --config $(CONFIG) --run-dir $(RUN) train.method=kd train.output=train-kd $(ARGS)
 
 evaluate: $(STAMP) ## accuracy / agreement / KL / ECE report
 	$(KD3) evaluate --config $(CONFIG) --run-dir $(RUN) $(ARGS)

@@ -13,7 +13,7 @@ DEMO_CONFIG = REPO / "pipelines" / "demo.yaml"
 
 
 def toy_overrides(tmp: Path) -> list[str]:
-    """A pipeline small enough for CI: 2-epoch teacher, 120-image pool, 2-epoch student."""
+    """A pipeline small enough for CI: 2-epoch teacher, 124-URL pool, 2-epoch students (KD³ and plain KD)."""
     url_list = tmp / "urls.parquet"
     return [
         "run.device=cpu",
@@ -27,6 +27,7 @@ def toy_overrides(tmp: Path) -> list[str]:
         "select.threshold=0.3",
         "train.epochs=2",
         "train.batch_size=32",
+        "kd3.tau=0.5",
     ]
 
 
@@ -38,7 +39,9 @@ def toy_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("toy")
     run_dir = tmp / "run"
     overrides = toy_overrides(tmp)
-    for stage in ("demo-data", "download", "score", "select", "train", "evaluate"):
-        code = main([stage, "--config", str(DEMO_CONFIG), "--run-dir", str(run_dir), *overrides])
-        assert code == 0, f"stage {stage} failed"
+    steps = [["demo-data"], ["download"], ["score"], ["select"], ["train"],
+             ["train", "train.method=kd", "train.output=train-kd"], ["evaluate"]]
+    for stage, *extra in steps:
+        code = main([stage, "--config", str(DEMO_CONFIG), "--run-dir", str(run_dir), *overrides, *extra])
+        assert code == 0, f"stage {stage} {extra} failed"
     return run_dir, overrides

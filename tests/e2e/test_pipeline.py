@@ -21,7 +21,7 @@ def meta(run_dir, stage):
 
 def test_every_stage_completes_with_counts(toy_run):
     run_dir, _ = toy_run
-    for stage in ("demo-data", "download", "score", "select", "train", "evaluate"):
+    for stage in ("demo-data", "download", "score", "select", "train", "train-kd", "evaluate"):
         m = meta(run_dir, stage)
         assert m["status"] == "complete", stage
         assert m["config_fingerprint"] and m["versions"]["torch"]
@@ -56,28 +56,30 @@ def test_score_cache_and_selection_manifest(toy_run):
     assert manifest.loc[~manifest["selected"], "teacher_conf"].max() < 0.3
 
 
-def test_train_writes_checkpoints_metrics_and_loadable_student(toy_run):
+@pytest.mark.parametrize("folder", ["train", "train-kd"])
+def test_train_writes_checkpoints_metrics_and_loadable_student(toy_run, folder):
     run_dir, _ = toy_run
-    train = run_dir / "train"
+    train = run_dir / folder
     assert (train / "epoch_000.pt").exists() and (train / "epoch_001.pt").exists() and (train / "last.pt").exists()
     lines = (train / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["epoch"] for line in lines] == [0, 1]
     payload = torch.load(train / "last.pt", weights_only=True)
     assert payload["trainer"]["epoch"] == 1 and "optimizer" in payload["trainer"]
     model, model_meta, _ = load_model(train / "last.pt")
-    assert model(torch.zeros(2, 1, 32, 32)).shape == (2, 10)
+    size = model_meta.input.image_size
+    assert model(torch.zeros(2, 1, size, size)).shape == (2, 10)
 
 
 def test_evaluate_report_has_teacher_and_student_rows(toy_run):
     run_dir, _ = toy_run
     report = json.loads((run_dir / "evaluate" / "report.json").read_text())
     rows = {(r["dataset"], r["model"]): r for r in report["rows"]}
-    assert set(rows) == {("private_test", "teacher"), ("private_test", "student"),
-                         ("mnist_shifted", "teacher"), ("mnist_shifted", "student")}
-    student = rows[("private_test", "student")]
-    assert 0.0 <= student["agreement"] <= 1.0 and student["kl"] >= 0.0
-    assert student["delta_top1"] == pytest.approx(student["top1"] - rows[("private_test", "teacher")]["top1"])
-    assert "| private_test | student |" in (run_dir / "evaluate" / "report.md").read_text()
+    assert set(rows) == {(d, m) for d in ("private_test", "mnist_shifted") for m in ("teacher", "kd3", "kd")}
+    for name in ("kd3", "kd"):
+        student = rows[("private_test", name)]
+        assert 0.0 <= student["agreement"] <= 1.0 and student["kl"] >= 0.0
+        assert student["delta_top1"] == pytest.approx(student["top1"] - rows[("private_test", "teacher")]["top1"])
+    assert "| private_test | kd3 |" in (run_dir / "evaluate" / "report.md").read_text()
 
 
 def test_rerun_refuses_then_resume_reuses(toy_run, capsys):
@@ -98,7 +100,7 @@ def test_train_resume_continues_after_last_epoch(toy_run, tmp_path):
     run_dir, overrides = toy_run
     for stage in ("demo-data", "download", "score", "select"):
         shutil.copytree(run_dir / stage, tmp_path / stage)
-    args = ["train", "--config", str(DEMO_CONFIG), "--run-dir", str(tmp_path), *overrides]
+    args = ["train", "--config", str(DEMO_CONFIG), "--run-dir", str(tmp_path), *overrides, "train.method=kd"]
     assert main(args) == 0
     full = torch.load(tmp_path / "train" / "last.pt", weights_only=True)["state_dict"]
     # rewind: keep epoch 0's checkpoint as last.pt and mark the stage unfinished
