@@ -105,11 +105,26 @@ class ScoreSection(Section):
 
 
 class SelectSection(Section):
-    rule: Literal["teacher_confidence"] = "teacher_confidence"
-    #: keep samples whose teacher max-softmax is at least this
+    """The stand-alone selection pass (KD³'s training selects again every epoch)."""
+
+    #: "teacher_confidence": teacher max-softmax ≥ threshold; "dynamic": KD³'s rule (§1a) with a
+    #: student checkpoint and α, using kd3.tau / kd3.threshold_floor / kd3.max_class_share
+    rule: Literal["teacher_confidence", "dynamic"] = "teacher_confidence"
+    #: keep samples whose teacher max-softmax is at least this (rule teacher_confidence)
     threshold: float = Field(default=0.9, ge=0, le=1)
-    #: keep at most this many (most confident) samples per teacher class
+    #: keep at most this many (most confident) samples per teacher class (rule teacher_confidence)
     per_class_cap: Optional[int] = Field(default=None, ge=1)
+    #: rule dynamic: a kd3 student checkpoint (e.g. "{run}/train/epoch_005.pt"); needed when alpha < 1
+    student: Optional[str] = None
+    #: rule dynamic: weight of the teacher's logits in the combination (1 = teacher only)
+    alpha: float = Field(default=1.0, ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _student_when_needed(self) -> "SelectSection":
+        if self.rule == "dynamic" and self.alpha < 1 and self.student is None:
+            raise ValueError("rule dynamic with alpha < 1 combines teacher and student logits: "
+                             "set select.student to a student checkpoint")
+        return self
 
 
 class TrainSection(Section):
@@ -289,15 +304,16 @@ def _set_dotted(data: dict[str, Any], dotted: str, value: Any, origin: str) -> N
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> None:
-    """Apply ``a.b=value`` overrides in place; values are parsed as YAML (``3``, ``true``, ``[1,2]``)."""
+    """Apply ``a.b=value`` overrides in place; values are parsed as YAML (``3``, ``true``, ``[1,2]``),
+    or kept as the plain string when they are not YAML."""
     for item in overrides:
         if "=" not in item or item.startswith("="):
             raise ConfigError(f"override {item!r}: expected key=value, e.g. train.epochs=3")
         key, raw = item.split("=", 1)
         try:
             value = yaml.safe_load(raw) if raw != "" else ""
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"override {item!r}: value is not valid YAML ({exc.problem})") from None
+        except yaml.YAMLError:
+            value = raw  # e.g. "{run}/train/last.pt": a plain string; the schema still checks its type
         _set_dotted(data, key.strip(), value, f"override {item!r}")
 
 

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
+from typing import Optional
 
+import numpy as np
 import pandas as pd
+import torch
 
 from kd3.errors import Kd3Error
 
@@ -55,3 +58,27 @@ def read_url_list(path: Path) -> pd.DataFrame:
         frame["uid"] = frame["url"].map(url_uid)
     frame["uid"] = frame["uid"].astype(str)
     return frame.drop_duplicates("uid", keep="first").reset_index(drop=True)
+
+
+def selection_manifest(scored: pd.DataFrame, epoch: int, result, alpha: float,
+                       student_logits: Optional[torch.Tensor], weights: Optional[torch.Tensor]) -> pd.DataFrame:
+    """One row per pool sample: identity, teacher/student/combined predictions, threshold, α, weight.
+
+    ``scored`` is the score cache's frame (uid, url, shard, key, teacher_label, teacher_conf) in row
+    order; ``result`` a :class:`kd3.methods.selection.SelectionResult` over the same rows. Student
+    columns are -1/NaN when no student ran, ``weight`` NaN where a sample was not trained.
+    """
+    frame = scored[["uid", "url", "shard", "key", "teacher_label", "teacher_conf"]].copy()
+    frame.insert(4, "epoch", epoch)
+    frame.insert(5, "selected", result.mask.numpy())
+    if student_logits is not None:
+        s_conf, s_label = student_logits.softmax(1).max(1)
+        frame["student_label"], frame["student_conf"] = s_label.numpy().astype(np.int16), s_conf.numpy()
+    else:
+        frame["student_label"], frame["student_conf"] = np.int16(-1), np.float32("nan")
+    frame["combined_label"] = result.labels.numpy().astype(np.int16)
+    frame["combined_conf"] = result.confidences.numpy().astype(np.float32)
+    frame["class_threshold"] = result.thresholds[result.labels].numpy().astype(np.float32)
+    frame["alpha"] = np.float32(alpha)
+    frame["weight"] = np.float32("nan") if weights is None else weights.numpy().astype(np.float32)
+    return frame

@@ -14,8 +14,9 @@ import numpy as np
 import torch
 
 from kd3.config import PipelineConfig, require_file, resolve_path
-from kd3.data.images import as_nchw_uint8, normalize, prepare_uint8
+from kd3.data.images import as_nchw_uint8
 from kd3.errors import Kd3Error
+from kd3.inference import array_logits
 from kd3.methods.fidelity import fidelity_report
 from kd3.models import load_model
 from kd3.runs import StageDir, atomic_write_json, atomic_write_text, file_fingerprint
@@ -60,15 +61,6 @@ def load_eval_set(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
     return tensor, torch.from_numpy(labels.astype(np.int64))
 
 
-@torch.no_grad()
-def predict(model, spec, images: torch.Tensor, batch_size: int, device: torch.device) -> torch.Tensor:
-    outputs = []
-    for start in range(0, len(images), batch_size):
-        batch = prepare_uint8(images[start:start + batch_size], spec).to(device)
-        outputs.append(model(normalize(batch, spec)).float().cpu())
-    return torch.cat(outputs)
-
-
 def _format_table(rows: list[dict[str, Any]]) -> str:
     header = ["dataset", "model", "top1", "top5", "ece", "agreement", "kl", "Δtop1 vs teacher"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -91,12 +83,12 @@ def run(cfg: PipelineConfig, out: StageDir) -> dict[str, Any]:
         images, labels = load_eval_set(paths[f"datasets.{dataset.name}"])
         if int(labels.max()) >= teacher_meta.num_classes or int(labels.min()) < 0:
             raise Kd3Error(f"{paths[f'datasets.{dataset.name}']}: labels outside 0..{teacher_meta.num_classes - 1}")
-        z_t = predict(teacher, teacher_meta.input, images, e.batch_size, device)
+        z_t = array_logits(teacher, teacher_meta.input, images, e.batch_size, device)
         teacher_row = {"dataset": dataset.name, "model": "teacher", "n": len(labels),
                        **fidelity_report(z_t, None, labels)}
         rows.append(teacher_row)
         for name, (model, meta, _) in students.items():
-            z_s = predict(model, meta.input, images, e.batch_size, device)
+            z_s = array_logits(model, meta.input, images, e.batch_size, device)
             report = fidelity_report(z_s, z_t, labels)
             rows.append({"dataset": dataset.name, "model": name, "n": len(labels), **report,
                          "delta_top1": report["top1"] - teacher_row["top1"]})

@@ -33,6 +33,8 @@ from kd3.config import PipelineConfig
 from kd3.data.images import normalize
 from kd3.data.shards import ShardImages, image_loader, list_shards
 from kd3.errors import Kd3Error
+from kd3.inference import pool_logits
+from kd3.data.manifest import selection_manifest
 from kd3.methods.objectives import KD3Objective, KDObjective
 from kd3.methods.selection import SelectionResult, alpha_schedule, select_dynamic
 from kd3.models import ModelMeta, build_model, load_model, read_checkpoint, save_checkpoint
@@ -146,22 +148,6 @@ def _training_only_state(objective: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 # ---------------------------------------------------------------------------------------- selection
-@torch.no_grad()
-def student_pool_logits(model: torch.nn.Module, meta: ModelMeta, shards: list[Path], uid_to_row: dict[str, int],
-                        n_rows: int, batch_size: int, num_workers: int, device: torch.device) -> torch.Tensor:
-    """The student's logits on every (un-augmented) pool sample, in score-cache row order."""
-    model.eval()
-    logits = torch.full((n_rows, meta.num_classes), float("nan"))
-    loader = image_loader(ShardImages(shards, meta.input, uid_to_row=uid_to_row), batch_size, num_workers)
-    for batch in loader:
-        logits[batch["row"]] = model(normalize(batch["image"].to(device), meta.input)).float().cpu()
-    missing = torch.isnan(logits[:, 0])
-    if missing.any():
-        raise Kd3Error(f"{int(missing.sum())} scored samples could not be read back from the shards; "
-                       "rerun `kd3 score --overwrite`")
-    return logits
-
-
 def _epoch_selection(cfg: PipelineConfig, epoch: int, teacher_logits: torch.Tensor,
                      student_logits: Optional[torch.Tensor]) -> tuple[SelectionResult, float]:
     k = cfg.kd3
@@ -176,24 +162,6 @@ def _epoch_selection(cfg: PipelineConfig, epoch: int, teacher_logits: torch.Tens
     result = select_dynamic(teacher_logits, student_logits if alpha < 1 else None, alpha, tau=k.tau,
                             threshold_floor=k.threshold_floor, max_class_share=k.max_class_share)
     return result, alpha
-
-
-def _selection_frame(scores: TeacherOutputs, epoch: int, result: SelectionResult, alpha: float,
-                     student_logits: Optional[torch.Tensor], weights: torch.Tensor) -> pd.DataFrame:
-    frame = scores.frame[["uid", "url", "shard", "key", "teacher_label", "teacher_conf"]].copy()
-    frame.insert(4, "epoch", epoch)
-    frame.insert(5, "selected", result.mask.numpy())
-    if student_logits is not None:
-        s_conf, s_label = student_logits.softmax(1).max(1)
-        frame["student_label"], frame["student_conf"] = s_label.numpy().astype(np.int16), s_conf.numpy()
-    else:
-        frame["student_label"], frame["student_conf"] = np.int16(-1), np.float32("nan")
-    frame["combined_label"] = result.labels.numpy().astype(np.int16)
-    frame["combined_conf"] = result.confidences.numpy().astype(np.float32)
-    frame["class_threshold"] = result.thresholds[result.labels].numpy().astype(np.float32)
-    frame["alpha"] = np.float32(alpha)
-    frame["weight"] = weights.numpy().astype(np.float32)
-    return frame
 
 
 # ------------------------------------------------------------------------------------------- the run
@@ -248,8 +216,8 @@ def run(cfg: PipelineConfig, out: StageDir) -> dict[str, Any]:
         student_logits = None
         if t.method == "kd3":
             if cfg.kd3.selection == "dynamic":
-                student_logits = student_pool_logits(student, meta, shards, pool_rows, len(pool_rows),
-                                                     cfg.score.batch_size, t.num_workers, device)
+                student_logits = pool_logits(student, meta.input, meta.num_classes, shards, pool_rows,
+                                             cfg.score.batch_size, t.num_workers, device)
             selection, alpha = _epoch_selection(cfg, epoch, teacher_logits, student_logits)
             chosen = set(torch.nonzero(selection.mask).flatten().tolist())
             rows = {uid: r for uid, r in pool_rows.items() if r in chosen}
@@ -301,7 +269,7 @@ def run(cfg: PipelineConfig, out: StageDir) -> dict[str, Any]:
             trained = ~torch.isnan(weights_last)
             record["mean_weight"] = float(weights_last[trained].mean()) if trained.any() else None
             record["train_agreement"] = agree / max(seen, 1)
-            frame = _selection_frame(scores, epoch, selection, record["alpha"], student_logits, weights_last)
+            frame = selection_manifest(scores.frame, epoch, selection, record["alpha"], student_logits, weights_last)
             with atomic_path(out.path / SELECTION_DIR / f"epoch_{epoch:03d}.parquet") as tmp:
                 frame.to_parquet(tmp, index=False)
         record.update(lr=lr, samples=seen, seconds=round(time.monotonic() - started, 2))

@@ -112,3 +112,21 @@ def test_resume_after_a_kill_reproduces_the_uninterrupted_selections_and_weights
     sb = torch.load(cut / "train" / "last.pt", weights_only=True)["state_dict"]
     for key in sa:
         assert torch.allclose(sa[key].float(), sb[key].float(), atol=1e-5), key
+
+
+def test_standalone_select_applies_the_dynamic_rule_with_a_student_and_alpha(toy_run, tmp_path, capsys):
+    run_dir, overrides = toy_run
+    for stage in ("demo-data", "download", "score", "train"):
+        shutil.copytree(run_dir / stage, tmp_path / stage)
+    base = ["select", "--config", str(DEMO_CONFIG), "--run-dir", str(tmp_path), *overrides, "select.rule=dynamic"]
+    assert main([*base, "select.alpha=0.5"]) == 2
+    assert "select.student" in capsys.readouterr().err
+    assert main([*base, "select.alpha=0.5", "select.student={run}/train/last.pt"]) == 0
+    manifest = pd.read_parquet(tmp_path / "select" / "manifest.parquet")
+    per_epoch = pd.read_parquet(tmp_path / "train" / "selection" / "epoch_001.parquet")
+    assert set(per_epoch.columns) <= set(manifest.columns)
+    assert (manifest["epoch"] == -1).all() and (manifest["alpha"] == 0.5).all()
+    assert manifest["student_conf"].notna().all() and manifest["weight"].isna().all()
+    # the selected flag is exactly the rule: combined confidence above the combined class's threshold
+    assert (manifest["selected"] == (manifest["combined_conf"] > manifest["class_threshold"])).all() or \
+        json.loads((tmp_path / "select" / "meta.json").read_text())["counts"]["fallback_used"]

@@ -1,0 +1,40 @@
+"""Running a model over images: the web pool (shards, keyed by score-cache row) or an array."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from kd3.data.images import normalize, prepare_uint8
+from kd3.data.shards import ShardImages, image_loader
+from kd3.errors import Kd3Error
+from kd3.models.checkpoints import InputSpec
+
+
+@torch.no_grad()
+def pool_logits(model: torch.nn.Module, spec: InputSpec, num_classes: int, shards: list[Path],
+                uid_to_row: dict[str, int], batch_size: int, num_workers: int, device: torch.device) -> torch.Tensor:
+    """The model's logits on every (un-augmented) pool sample, in score-cache row order [N, K]."""
+    model.eval()
+    logits = torch.full((len(uid_to_row), num_classes), float("nan"))
+    loader = image_loader(ShardImages(shards, spec, uid_to_row=uid_to_row), batch_size, num_workers)
+    for batch in loader:
+        logits[batch["row"]] = model(normalize(batch["image"].to(device), spec)).float().cpu()
+    missing = torch.isnan(logits[:, 0])
+    if missing.any():
+        raise Kd3Error(f"{int(missing.sum())} scored samples could not be read back from the shards; "
+                       "rerun `kd3 score --overwrite`")
+    return logits
+
+
+@torch.no_grad()
+def array_logits(model: torch.nn.Module, spec: InputSpec, images: torch.Tensor, batch_size: int,
+                 device: torch.device) -> torch.Tensor:
+    """Logits for a uint8 [N, C, H, W] array (evaluation sets), resized/normalised for ``spec``."""
+    model.eval()
+    outputs = []
+    for start in range(0, len(images), batch_size):
+        batch = prepare_uint8(images[start:start + batch_size], spec).to(device)
+        outputs.append(model(normalize(batch, spec)).float().cpu())
+    return torch.cat(outputs)
