@@ -1,9 +1,10 @@
 """Models: registry, checkpoints and the uniform feature interface."""
 
 from kd3.models.base import FeatureOutput, Kd3Model
-from kd3.models.checkpoints import InputSpec, ModelMeta, load_model, read_checkpoint, save_checkpoint
+from kd3.models.checkpoints import (InputSpec, ModelMeta, import_state_dict, load_model, read_checkpoint,
+                                    read_state_dict, save_checkpoint)
 from kd3.models.registry import MODELS, build_model
 
-__all__ = ["FeatureOutput", "Kd3Model", "InputSpec", "ModelMeta", "MODELS", "build_model", "load_model",
-           "read_checkpoint", "save_checkpoint"]
+__all__ = ["FeatureOutput", "Kd3Model", "InputSpec", "ModelMeta", "MODELS", "build_model", "import_state_dict",
+           "load_model", "read_checkpoint", "read_state_dict", "save_checkpoint"]
 from kd3.models.distilled import DistilledStudent, load_student  # noqa: E402  (registers kd3_student)

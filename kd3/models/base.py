@@ -35,6 +35,14 @@ class Kd3Model(nn.Module):
     #: dimension D of the pooled feature
     feature_dim: int
     num_classes: int
+    #: False when ``head(feature_map)`` cannot reproduce the logits (e.g. a ViT that pools its class
+    #: token, which a patch-token map does not contain); ``head``/``pool`` then raise a Kd3Error and
+    #: only logits + pooled features (``extract``/``forward``) are available: no KD³ feature alignment
+    supports_feature_alignment: bool = True
+    #: attribute path (with trailing dot) of the wrapped library module whose state-dict keys match
+    #: the library's own checkpoints, e.g. ``"net."`` for torchvision/timm; ``""`` when kd3 owns the
+    #: module names (CIFAR ResNet/WRN use the names of the widely used public CIFAR code)
+    native_prefix: str = ""
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Image batch [B, C_in, H, W] → last feature map [B, C, h, w]."""

@@ -3,13 +3,18 @@
 Saved with ``torch.save`` and read only with ``torch.load(weights_only=True)``: a checkpoint holds
 tensors, numbers, strings, lists and dicts, never pickled objects. The metadata carries the input
 preprocessing (size, channels, mean/std), so every stage feeds a model the way it was trained.
+
+A user's own trained weights (a bare state dict, as torchvision/timm/CIFAR training scripts save
+them) become a kd3 checkpoint with :func:`import_state_dict` (`kd3 import-checkpoint`).
 """
 
 from __future__ import annotations
 
+import argparse
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
@@ -74,19 +79,42 @@ def save_checkpoint(path: str | Path, model: torch.nn.Module, meta: ModelMeta, *
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
     """Load a kd3 checkpoint with ``weights_only=True``; anything else is a clear error."""
     path = Path(path)
-    if not path.is_file():
-        raise Kd3Error(f"checkpoint not found: {path}")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # pickle errors come in many types; the message is what matters
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise Kd3Error(f"{path}: not loadable as a plain-weights checkpoint (weights_only=True refused it: "
-                       f"{first[:200]})") from None
+    payload = _safe_torch_load(path, "checkpoint")
     if not isinstance(payload, dict) or "kd3_checkpoint" not in payload:
         raise Kd3Error(f"{path}: not a kd3 checkpoint (no 'kd3_checkpoint' entry)")
     if payload["kd3_checkpoint"] > FORMAT_VERSION:
         raise Kd3Error(f"{path}: written by a newer kd3 (format {payload['kd3_checkpoint']}); upgrade kd3")
     return payload
+
+
+def _safe_torch_load(path: Path, what: str, allow: Sequence[type] = ()) -> Any:
+    """torch.load with weights_only=True: tensors and plain containers only, never arbitrary objects.
+
+    ``allow``: extra plain-data classes to accept (their contents are still checked).
+    """
+    if not path.is_file():
+        raise Kd3Error(f"{what} not found: {path}")
+    try:
+        with torch.serialization.safe_globals(list(allow)):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # pickle errors come in many types; the message is what matters
+        raise Kd3Error(f"{path}: not loadable as a plain-weights file: {load_error_reason(exc)}; "
+                       "re-save only the state dict (torch.save(model.state_dict(), path))") from None
+
+
+def load_error_reason(exc: BaseException) -> str:
+    """One line from a torch.load failure: the refused class for pickled objects, else the first line."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))  # torch's message carries terminal bold codes
+    refused = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+    if refused:
+        return (f"it contains a pickled {refused.group(1)} object, and arbitrary objects are never unpickled "
+                "(torch.load weights_only=True)")
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if not lines:
+        return type(exc).__name__
+    # "Error(s) in loading state_dict for CLIP:" alone says nothing; the next line names the keys
+    first = f"{lines[0]} {lines[1]}" if lines[0].endswith(":") and len(lines) > 1 else lines[0]
+    return first[:240] + (" …" if len(first) > 240 else "")
 
 
 def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[Kd3Model, ModelMeta, dict[str, Any]]:
@@ -116,3 +144,92 @@ def load_state_dict_strict(model: torch.nn.Module, state: dict[str, torch.Tensor
     if problems:
         raise Kd3Error(f"{origin}: weights do not fit the architecture: {'; '.join(problems)}")
     model.load_state_dict(state)
+
+
+# ------------------------------------------------------------------------------ user weights import
+#: wrapper keys training scripts put around the state dict, tried in this order
+STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model", "net", "module", "params")
+#: prefixes added by DataParallel/DDP ("module.") and torch.compile ("_orig_mod.")
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """A user's weights file → a flat ``name → tensor`` dict (``weights_only=True`` loading only).
+
+    Accepts a bare state dict, ``{'state_dict': …}`` / ``{'model': …}`` / ``{'net': …}`` … wrappers
+    (see :data:`STATE_DICT_KEYS`; training checkpoints of timm's and torchvision's reference scripts,
+    with their ``args`` Namespace, included), kd3 checkpoints, and strips ``module.``/``_orig_mod.``
+    prefixes.
+    """
+    path = Path(path)
+    # timm's and torchvision's training scripts store their argparse.Namespace beside the weights;
+    # a Namespace is a plain attribute bag (its values still pass the weights-only checks)
+    payload = _safe_torch_load(path, "weights file", allow=(argparse.Namespace,))
+    for _ in range(3):  # wrappers can nest, e.g. {'model': {'state_dict': …}}
+        if not isinstance(payload, dict) or all(isinstance(v, torch.Tensor) for v in payload.values()):
+            break
+        inner = next((payload[k] for k in STATE_DICT_KEYS if isinstance(payload.get(k), dict)), None)
+        if inner is None:
+            break
+        payload = inner
+    if not isinstance(payload, dict) or not payload:
+        raise Kd3Error(f"{path}: expected a state dict (parameter name → tensor), got {type(payload).__name__}"
+                       f"{' (empty)' if isinstance(payload, dict) else ''}")
+    bad = [k for k, v in payload.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise Kd3Error(f"{path}: entry {bad[0]!r} is a {type(payload[bad[0]]).__name__}, not a tensor; expected a "
+                       f"state dict or one wrapped under one of {', '.join(STATE_DICT_KEYS)}")
+    state = {str(k): v for k, v in payload.items()}
+    changed = True
+    while changed:
+        changed = False
+        for prefix in WRAPPER_PREFIXES:
+            if all(k.startswith(prefix) for k in state):
+                state = {k[len(prefix):]: v for k, v in state.items()}
+                changed = True
+    return state
+
+
+def import_state_dict(weights_path: str | Path, arch: str, num_classes: int, input_spec: InputSpec,
+                      class_names: Sequence[str] | None, options: dict[str, Any] | None = None
+                      ) -> tuple[Kd3Model, ModelMeta]:
+    """Load a user's bare state dict into ``arch`` → (model in eval mode, ModelMeta) for ``save_checkpoint``.
+
+    Keys are matched against the library's own names (``model.native_prefix`` stripped, e.g.
+    torchvision's ``fc.weight`` rather than kd3's ``net.fc.weight``); either form is accepted. Any
+    mismatch (other architecture, other class count, missing keys) is a one-line Kd3Error naming the
+    first offending keys. BatchNorm ``num_batches_tracked`` counters absent from old checkpoints are
+    filled in (they do not affect outputs).
+    """
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise Kd3Error(f"num_classes must be a positive integer, got {num_classes!r}")
+    names = [str(c) for c in class_names] if class_names is not None else [str(i) for i in range(num_classes)]
+    if len(names) != num_classes:
+        raise Kd3Error(f"{len(names)} class names given for {num_classes} classes")
+    for field_name in ("mean", "std"):
+        values = getattr(input_spec, field_name)
+        if len(values) != input_spec.channels:
+            raise Kd3Error(f"input {field_name} has {len(values)} values for {input_spec.channels} channels")
+    if any(v <= 0 for v in input_spec.std):
+        raise Kd3Error(f"input std must be positive, got {list(input_spec.std)}")
+    options = dict(options or {})
+    model = build_model(arch, num_classes, input_spec.channels, options)
+    state = read_state_dict(weights_path)
+    prefix = getattr(model, "native_prefix", "")
+    target: torch.nn.Module = model
+    if prefix:
+        target = model.get_submodule(prefix.rstrip("."))
+        if all(k.startswith(prefix) for k in state):  # already kd3-style keys
+            state = {k[len(prefix):]: v for k, v in state.items()}
+    for key, value in target.state_dict().items():
+        if key.endswith("num_batches_tracked") and key not in state:
+            state[key] = value.clone()
+    try:
+        load_state_dict_strict(target, state, str(weights_path))
+    except Kd3Error as exc:
+        given = f", options {sorted(options)}" if options else ""
+        raise Kd3Error(f"{exc} (expected {arch} with {num_classes} classes{given}; "
+                       "check --arch/--num-classes/--options)") from None
+    model.eval()
+    meta = ModelMeta(arch=arch, options=options, num_classes=num_classes, class_names=names, input=input_spec)
+    return model, meta
