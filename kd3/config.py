@@ -127,8 +127,19 @@ class SelectSection(Section):
         return self
 
 
+class InputOverride(Section):
+    """The student's preprocessing where it differs from the teacher's (unset keys: the teacher's)."""
+
+    image_size: Optional[int] = Field(default=None, ge=8)
+    channels: Optional[Literal[1, 3]] = None
+    mean: Optional[list[float]] = None
+    std: Optional[list[float]] = None
+
+
 class TrainSection(Section):
     student: ModelSpec = Field(default_factory=lambda: ModelSpec(arch="small_cnn", options={"widths": [8, 16, 32], "convs_per_stage": 1}))
+    #: the student's input size/channels/mean/std; unset keys take the teacher's (its checkpoint metadata)
+    student_input: InputOverride = Field(default_factory=InputOverride)
     #: "kd": KL(p_T‖p_S) on cached teacher logits; "kd3": KD³ (the kd3 section), selection inside train
     method: Literal["kd", "kd3"] = "kd"
     #: output folder name under the run, so variants (e.g. plain KD beside KD³) share upstream stages

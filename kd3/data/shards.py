@@ -85,16 +85,19 @@ class ShardImages(IterableDataset):
     """Decoded, resized uint8 images from shards, optionally restricted to a uid → row mapping.
 
     Yields ``{"row": int, "uid": str, "image": uint8 [C, H, W]}`` where ``row`` indexes the score
-    cache (or -1 without a mapping). With ``shuffle=True`` the shard order and a buffer of
+    cache (or -1 without a mapping), plus ``"teacher_image"`` prepared for ``teacher_spec`` when one
+    is given (teacher and student views of the same decoded image, each at its model's size). With ``shuffle=True`` the shard order and a buffer of
     ``shuffle_buffer`` samples are shuffled from ``seed`` and ``epoch``, so an epoch's order is
     reproducible (with num_workers=0 exactly; with workers per worker).
     """
 
     def __init__(self, shard_paths: list[Path], spec: InputSpec, uid_to_row: Optional[Mapping[str, int]] = None,
-                 shuffle: bool = False, shuffle_buffer: int = 2048, seed: int = 0, epoch: int = 0):
+                 shuffle: bool = False, shuffle_buffer: int = 2048, seed: int = 0, epoch: int = 0,
+                 teacher_spec: Optional[InputSpec] = None):
         super().__init__()
         self.shard_paths = list(shard_paths)
         self.spec = spec
+        self.teacher_spec = teacher_spec
         self.uid_to_row = uid_to_row
         self.shuffle = shuffle
         self.shuffle_buffer = shuffle_buffer
@@ -122,11 +125,14 @@ class ShardImages(IterableDataset):
                 if row is None:
                     continue
             try:
-                image = prepare_uint8(decode_image(sample["bytes"]), self.spec)
+                decoded = decode_image(sample["bytes"])
             except Exception as exc:  # PIL raises many types for corrupt files
                 self.skipped(f"{sample['shard']}/{sample['key']}", type(exc).__name__)
                 continue
-            yield {"row": row, "uid": sample["uid"], "image": image}
+            item = {"row": row, "uid": sample["uid"], "image": prepare_uint8(decoded, self.spec)}
+            if self.teacher_spec is not None:
+                item["teacher_image"] = prepare_uint8(decoded, self.teacher_spec)
+            yield item
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         shards, rng = self._my_shards()

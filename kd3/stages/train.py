@@ -37,7 +37,7 @@ from kd3.inference import pool_logits
 from kd3.data.manifest import selection_manifest
 from kd3.methods.objectives import KD3Objective, KDObjective
 from kd3.methods.selection import SelectionResult, alpha_schedule, select_dynamic
-from kd3.models import ModelMeta, build_model, load_model, read_checkpoint, save_checkpoint
+from kd3.models import InputSpec, ModelMeta, build_model, load_model, read_checkpoint, save_checkpoint
 from kd3.models.checkpoints import load_state_dict_strict
 from kd3.models.distilled import STUDENT_ARCH, distilled_from_teacher
 from kd3.runs import (StageDir, append_jsonl, atomic_path, atomic_write_text, read_jsonl, require_complete,
@@ -105,16 +105,35 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 
 # ----------------------------------------------------------------------------------------- building
+def student_input_spec(cfg: PipelineConfig, teacher: InputSpec) -> InputSpec:
+    """The student's preprocessing: train.student_input where set, else the teacher's."""
+    o = cfg.train.student_input
+    channels = o.channels or teacher.channels
+    mean = tuple(o.mean) if o.mean is not None else teacher.mean
+    std = tuple(o.std) if o.std is not None else teacher.std
+    if channels != teacher.channels and o.mean is None:
+        # a channel change needs its own statistics; averaging the teacher's is the neutral guess
+        mean, std = (sum(mean) / len(mean),) * channels, (sum(std) / len(std),) * channels
+    if len(mean) != channels or len(std) != channels:
+        raise Kd3Error(f"{cfg.source}: train.student_input: mean/std need {channels} value(s) for {channels} channel(s)")
+    return InputSpec(image_size=o.image_size or teacher.image_size, channels=channels, mean=mean, std=std)
+
+
 def _build(cfg: PipelineConfig, run_dir: Path, scores: TeacherOutputs, device: torch.device):
     """Student model, its checkpoint metadata, the objective and (for KD³) the frozen teacher."""
     t, k = cfg.train, cfg.kd3
     teacher_meta = scores.teacher
-    backbone = build_model(t.student.arch, teacher_meta.num_classes, teacher_meta.input.channels, t.student.options)
+    spec = student_input_spec(cfg, teacher_meta.input)
+    backbone = build_model(t.student.arch, teacher_meta.num_classes, spec.channels, t.student.options)
     if t.method == "kd":
         meta = ModelMeta(arch=t.student.arch, options=t.student.options, num_classes=teacher_meta.num_classes,
-                         class_names=teacher_meta.class_names, input=teacher_meta.input)
+                         class_names=teacher_meta.class_names, input=spec)
         return backbone.to(device), meta, KDObjective(backbone, t.temperature).to(device), None
     teacher, loaded_meta, _ = load_model(Path(cfg.score.teacher.replace("{run}", str(run_dir))), device)
+    if not getattr(teacher, "supports_feature_alignment", True):
+        raise Kd3Error(f"teacher {loaded_meta.arch!r} exposes no feature map that reproduces its logits "
+                       "(e.g. a class-token ViT), so KD³'s alignment is unavailable; use train.method=kd "
+                       "or an average-pooled teacher")
     for p in teacher.parameters():
         p.requires_grad_(False)
     with torch.no_grad():
@@ -124,7 +143,7 @@ def _build(cfg: PipelineConfig, run_dir: Path, scores: TeacherOutputs, device: t
     if k.shared_classifier:
         student = distilled_from_teacher(backbone, teacher, map_shape, k.projector_factor)
         meta = ModelMeta(arch=STUDENT_ARCH, num_classes=teacher_meta.num_classes, class_names=teacher_meta.class_names,
-                         input=teacher_meta.input, options={
+                         input=spec, options={
                              "student": {"arch": t.student.arch, "options": dict(t.student.options)},
                              "teacher": {"arch": loaded_meta.arch, "options": dict(loaded_meta.options),
                                          "in_channels": loaded_meta.input.channels},
@@ -132,7 +151,7 @@ def _build(cfg: PipelineConfig, run_dir: Path, scores: TeacherOutputs, device: t
     else:
         student = backbone
         meta = ModelMeta(arch=t.student.arch, options=t.student.options, num_classes=teacher_meta.num_classes,
-                         class_names=teacher_meta.class_names, input=teacher_meta.input)
+                         class_names=teacher_meta.class_names, input=spec)
     objective = KD3Objective(
         student, teacher, map_shape, feature_alignment=k.feature_alignment, feature_weight=k.feature_weight,
         mixdistribution=k.mixdistribution, mix_beta=k.mix_beta, mix_p=k.mix_p,
@@ -241,7 +260,10 @@ def run(cfg: PipelineConfig, out: StageDir) -> dict[str, Any]:
         student.train()
         objective.train()
         generator = torch.Generator().manual_seed(cfg.run.seed * 100_003 + epoch)
-        dataset = ShardImages(shards, meta.input, uid_to_row=rows, shuffle=True, seed=cfg.run.seed, epoch=epoch)
+        # KD³ runs the teacher on its own view when its preprocessing differs from the student's
+        teacher_view = scores.teacher.input if (teacher is not None and scores.teacher.input != meta.input) else None
+        dataset = ShardImages(shards, meta.input, uid_to_row=rows, shuffle=True, seed=cfg.run.seed, epoch=epoch,
+                              teacher_spec=teacher_view)
         weights_last = torch.full((len(pool_rows),), float("nan"))
         sums: dict[str, float] = {}
         seen = agree = 0
@@ -249,8 +271,9 @@ def run(cfg: PipelineConfig, out: StageDir) -> dict[str, Any]:
         for batch in tqdm(loader, desc=f"[{NAME}] epoch {epoch + 1}/{t.epochs}", unit="batch", leave=False,
                           disable=None, total=math.ceil(len(rows) / t.batch_size)):
             x = normalize(batch["image"].to(device), meta.input)
+            x_t = normalize(batch["teacher_image"].to(device), teacher_view) if teacher_view is not None else x
             z_t = teacher_logits[batch["row"]].to(device)
-            step = objective(x, x, z_t, generator)
+            step = objective(x, x_t, z_t, generator)
             optimizer.zero_grad(set_to_none=True)
             step.loss.backward()
             optimizer.step()
