@@ -16,7 +16,7 @@ export PYTHONUNBUFFERED := 1
 KD3 := $(VENV)/bin/kd3
 STAMP := $(VENV)/.kd3-installed
 
-.PHONY: help install demo test demo-data download score select train train-kd evaluate validate
+.PHONY: help install demo test demo-data download score select train train-kd evaluate inspect validate
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -39,7 +39,8 @@ demo: $(STAMP) ## run the whole pipeline on the embedded demo (CPU, minutes)
 	$(KD3) train --config $(CONFIG) --run-dir $(RUN) --resume $(ARGS)
 	$(KD3) train --config $(CONFIG) --run-dir $(RUN) --resume train.method=kd train.output=train-kd $(ARGS)
 	$(KD3) evaluate --config $(CONFIG) --run-dir $(RUN) --resume $(ARGS)
-	@echo "Results: $(RUN)/evaluate/report.md  (run folder: $(RUN))"
+	$(KD3) inspect --config $(CONFIG) --run-dir $(RUN) --resume $(ARGS)
+	@echo "Run folder: $(RUN)   evaluation: $(RUN)/evaluate/report.md   selection report: $(RUN)/inspect/index.html"
 
 test: $(STAMP) ## run the test suite
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
@@ -67,3 +68,6 @@ train-kd: $(STAMP) ## train the plain-KD baseline into RUN/train-kd
 
 evaluate: $(STAMP) ## accuracy / agreement / KL / ECE report
 	$(KD3) evaluate --config $(CONFIG) --run-dir $(RUN) $(ARGS)
+
+inspect: $(STAMP) ## what was selected and why: summary, plots, contact sheets, index.html
+	$(KD3) inspect --config $(CONFIG) --run-dir $(RUN) $(ARGS)

@@ -3,7 +3,8 @@
 A stage module defines ``NAME``, ``SUMMARY``, ``SECTIONS`` (config sections its output depends
 on), ``check(cfg, run_dir)`` (validate inputs before any work; returns input fingerprints) and
 ``run(cfg, out: StageDir) -> dict`` (does the work, returns counts for meta.json). A stage whose
-output folder name is configurable also defines ``output_name(cfg)``.
+output folder name is configurable also defines ``output_name(cfg)``. A stage whose result is one
+file (a report) returns its path as ``counts["output"]``; it is printed as the last line.
 """
 
 from __future__ import annotations
@@ -32,7 +33,10 @@ def execute(stage: ModuleType, cfg: PipelineConfig, run_dir: Path, mode: Mode,
     if out.up_to_date:
         print(f"[{stage.NAME}] up to date in {out.path} (finished {out.meta.get('finished_at')}); "
               "pass --overwrite to redo it")
-        return dict(out.meta.get("counts", {}))
+        counts = dict(out.meta.get("counts", {}))
+        if counts.get("output"):
+            print(counts["output"])
+        return counts
     start = time.monotonic()
     try:
         counts = stage.run(cfg, out)
@@ -42,4 +46,6 @@ def execute(stage: ModuleType, cfg: PipelineConfig, run_dir: Path, mode: Mode,
     counts["seconds"] = round(time.monotonic() - start, 2)
     out.finish(counts)
     print(f"[{stage.NAME}] done in {counts['seconds']:.1f}s -> {out.path}")
+    if counts.get("output"):
+        print(counts["output"])  # the stage's main result, last, for scripts and copy-paste
     return counts

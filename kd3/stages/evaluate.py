@@ -101,4 +101,4 @@ def run(cfg: PipelineConfig, out: StageDir) -> dict[str, Any]:
             chance = 1.0 / teacher_meta.num_classes
             print(f"[{NAME}] {r['model']} on {r['dataset']}: top-1 {r['top1']:.4f} (chance {chance:.2f}), "
                   f"trails the teacher by {-r['delta_top1'] * 100:.2f} points, agreement {r['agreement']:.4f}")
-    return {"rows": len(rows), "results": rows}
+    return {"rows": len(rows), "results": rows, "output": str(out.path / "report.md")}

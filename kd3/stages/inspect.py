@@ -1,0 +1,59 @@
+"""inspect: summary tables, plots, per-class contact sheets and an HTML report of the selection.
+
+Reads every selection manifest of the run (``RUN/train/selection/epoch_XXX.parquet`` from KD³
+training, or the folder ``train.output`` names; ``RUN/select/manifest.parquet`` from the select
+stage; either is enough), ``RUN/train/metrics.jsonl``
+and the download/score meta files, and the images of the shown tiles from ``RUN/download/shards``.
+Writes ``RUN/inspect/``: ``index.html`` (open it from disk), ``summary.txt``, ``summary.json``,
+``plots/*.png`` and ``sheets/class_KKK.png``. Settings: the ``inspect`` config section.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from kd3.config import PipelineConfig
+from kd3.inspect.manifests import SELECT_MANIFEST, TRAIN_DIR, find_manifests, listing_fingerprint
+from kd3.inspect.report import build_report
+from kd3.runs import META_NAME, StageDir, require_complete, stage_input_fingerprint
+
+NAME = "inspect"
+SUMMARY = "summary tables, plots, per-class contact sheets and an HTML report of the selection manifests"
+SECTIONS = ("inspect",)
+
+
+def _train_name(cfg: PipelineConfig) -> str:
+    """The train stage's folder: ``train.output`` where the config has it (variant runs), else "train"."""
+    return str(getattr(cfg.train, "output", TRAIN_DIR))
+
+
+def check(cfg: PipelineConfig, run_dir: Path) -> dict[str, str]:
+    require_complete(run_dir, "score", NAME)
+    refs = find_manifests(run_dir, _train_name(cfg))  # raises with the stages to run when there is none
+    inputs = {"score": stage_input_fingerprint(run_dir, "score")}
+    if (run_dir / SELECT_MANIFEST).is_file():
+        inputs["select"] = listing_fingerprint([run_dir / SELECT_MANIFEST])
+    epochs = [r.path for r in refs if r.epoch is not None]
+    if epochs:
+        # the listing, not the train meta.json: a running train stage adds epochs before its meta changes
+        metrics = run_dir / _train_name(cfg) / "metrics.jsonl"
+        inputs["train.selection"] = listing_fingerprint(epochs + ([metrics] if metrics.is_file() else []))
+    if (run_dir / "download" / META_NAME).is_file():
+        inputs["download"] = stage_input_fingerprint(run_dir, "download")
+    return inputs
+
+
+def run(cfg: PipelineConfig, out: StageDir) -> dict[str, Any]:
+    i = cfg.inspect
+    result = build_report(out.run_dir, out.path, top_n=i.top_n, bottom_n=i.bottom_n, rejected_n=i.rejected_n,
+                          max_classes=i.max_classes, thumbnail_size=i.thumbnail_size, histogram_bins=i.histogram_bins,
+                          train=_train_name(cfg))
+    print(result.text)
+    counts = result.counts
+    if counts["tiles_missing"]:
+        print(f"[{NAME}] warning: {counts['tiles_missing']} of {counts['tiles']} tiles have no image "
+              f"(not in {out.run_dir / 'download' / 'shards'} or undecodable); they are grey on the sheets")
+    print(f"[{NAME}] report with {counts['plots']} plot(s) and {counts['sheets']} contact sheet(s); open in a browser:")
+    counts["output"] = str(result.index.resolve())  # printed last by stages.base.execute
+    return counts
