@@ -154,3 +154,29 @@ class ShardImages(IterableDataset):
 def image_loader(dataset: ShardImages, batch_size: int, num_workers: int) -> torch.utils.data.DataLoader:
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
                                        persistent_workers=False)
+
+
+def canonicalize_shard(path: Path) -> int:
+    """Rewrite a tar shard with its samples sorted by key (atomically); return the sample count.
+
+    img2dataset writes samples in download-completion order, which differs between two downloads
+    of the same URL list; sorting makes a download's shards, and so every later stage's data order,
+    depend only on what was downloaded. Idempotent; streams member by member (no whole-shard load).
+    """
+    import tarfile
+
+    from kd3.runs import atomic_path
+
+    path = Path(path)
+    with tarfile.open(path, "r") as src:
+        members = [m for m in src.getmembers() if m.isfile()]
+        # group by sample key (file name up to the first dot, as webdataset does)
+        order = sorted(range(len(members)), key=lambda i: (members[i].name.split(".", 1)[0], members[i].name))
+        if order == list(range(len(members))):
+            return len({m.name.split(".", 1)[0] for m in members})
+        with atomic_path(path) as tmp:
+            with tarfile.open(tmp, "w") as dst:
+                for i in order:
+                    member = members[i]
+                    dst.addfile(member, src.extractfile(member))
+    return len({m.name.split(".", 1)[0] for m in members})

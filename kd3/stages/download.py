@@ -20,7 +20,7 @@ from kd3.config import PipelineConfig, require_file
 from kd3.data.demo import PORT_PLACEHOLDER
 from kd3.data.loopback import serve_directory
 from kd3.data.manifest import read_url_list
-from kd3.data.shards import read_download_index, shards_dir
+from kd3.data.shards import canonicalize_shard, read_download_index, shards_dir
 from kd3.errors import ConfigError, Kd3Error
 from kd3.runs import StageDir, atomic_path, capture_stdout, file_fingerprint
 
@@ -111,6 +111,8 @@ def run(cfg: PipelineConfig, out: StageDir) -> dict[str, Any]:
     if done < n_shards:
         raise Kd3Error(f"img2dataset finished {done}/{n_shards} shards in {out_dir} (see {out.path / 'img2dataset.log'}); "
                        f"rerun with --resume to fetch the rest")
+    for shard in sorted(out_dir.glob("*.tar")):
+        canonicalize_shard(shard)  # deterministic sample order, whatever order downloads finished in
     index = read_download_index(out.path, columns=["uid", "url", "status", "error_message"])
     # report template URLs (stable, port-free) so later stages and manifests never show a dead port
     index["url"] = index["uid"].map(dict(zip(urls["uid"], urls["url"])))

@@ -89,6 +89,9 @@ def run(cfg: PipelineConfig, out: StageDir) -> dict[str, Any]:
     urls = pd.read_parquet(run_dir / "download" / "url_list.parquet", columns=["uid", "url"])
     index["url"] = index["uid"].map(dict(zip(urls["uid"], urls["url"])))
     merged = index.merge(scored, on="uid", how="inner", validate="one_to_one")
+    # rows in (shard, key) order: the cache, and every per-row index built on it, is then the same
+    # for two downloads of the same URL list
+    merged = merged.sort_values(["shard", "key"], kind="stable").reset_index(drop=True)
     columns = ["uid", "url", "shard", "key", "teacher_label", "teacher_conf", "logits", "feature"]
     with atomic_path(out.path / OUTPUT) as tmp:
         merged[columns].to_parquet(tmp, index=False)
