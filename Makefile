@@ -42,8 +42,10 @@ demo: $(STAMP) ## run the whole pipeline on the embedded demo (CPU, minutes)
 	$(KD3) inspect --config $(CONFIG) --run-dir $(RUN) --resume $(ARGS)
 	@echo "Run folder: $(RUN)   evaluation: $(RUN)/evaluate/report.md   selection report: $(RUN)/inspect/index.html"
 
-test: $(STAMP) ## run the test suite
-	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+test: $(STAMP) ## run the test suite (pytest's exit 5, "no tests collected", is a failure too)
+	@$(VENV)/bin/python -m pytest $(PYTEST_ARGS); status=$$?; \
+	if [ $$status -eq 5 ]; then echo "make test: pytest collected no tests; there must be tests" >&2; fi; \
+	exit $$status
 
 validate: $(STAMP) ## validate CONFIG without running anything
 	$(KD3) validate --config $(CONFIG)
