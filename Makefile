@@ -16,7 +16,7 @@ export PYTHONUNBUFFERED := 1
 KD3 := $(VENV)/bin/kd3
 STAMP := $(VENV)/.kd3-installed
 
-.PHONY: help install demo test demo-data download score select train train-kd evaluate inspect validate
+.PHONY: help install demo test demo-data download score select train train-kd average evaluate inspect validate
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -38,6 +38,7 @@ demo: $(STAMP) ## run the whole pipeline on the embedded demo (CPU, minutes)
 	$(KD3) select --config $(CONFIG) --run-dir $(RUN) --resume $(ARGS)
 	$(KD3) train --config $(CONFIG) --run-dir $(RUN) --resume $(ARGS)
 	$(KD3) train --config $(CONFIG) --run-dir $(RUN) --resume train.method=kd train.output=train-kd $(ARGS)
+	$(KD3) average --config $(CONFIG) --run-dir $(RUN) --resume $(ARGS)
 	$(KD3) evaluate --config $(CONFIG) --run-dir $(RUN) --resume $(ARGS)
 	$(KD3) inspect --config $(CONFIG) --run-dir $(RUN) --resume $(ARGS)
 	@echo "Run folder: $(RUN)   evaluation: $(RUN)/evaluate/report.md   selection report: $(RUN)/inspect/index.html"
@@ -68,7 +69,10 @@ train: $(STAMP) ## train the student (checkpoint + metrics per epoch)
 train-kd: $(STAMP) ## train the plain-KD baseline into RUN/train-kd
 	$(KD3) train --config $(CONFIG) --run-dir $(RUN) train.method=kd train.output=train-kd $(ARGS)
 
-evaluate: $(STAMP) ## accuracy / agreement / KL / ECE report
+average: $(STAMP) ## write the WAKD / SMA / SWAD averages kept by train as student checkpoints
+	$(KD3) average --config $(CONFIG) --run-dir $(RUN) $(ARGS)
+
+evaluate: $(STAMP) ## accuracy / agreement / KL / ECE / per-class report + reliability diagrams
 	$(KD3) evaluate --config $(CONFIG) --run-dir $(RUN) $(ARGS)
 
 inspect: $(STAMP) ## what was selected and why: summary, plots, contact sheets, index.html

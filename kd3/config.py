@@ -157,6 +157,65 @@ class TrainSection(Section):
     step_milestones: list[float] = Field(default_factory=lambda: [0.625, 0.75, 0.875])
     temperature: float = Field(default=4.0, gt=0)
     num_workers: int = Field(default=0, ge=0)
+    #: loss terms added to either method: "nd" (norm and direction, METHODS.md §4)
+    extra_losses: list[Literal["nd"]] = Field(default_factory=list)
+    #: ND: weight λ of L_ND in the total loss
+    nd_weight: float = Field(default=1.0, ge=0)
+    #: ND: dropout of the student embedding head (BN1d → Dropout → Linear)
+    nd_dropout: float = Field(default=0.0, ge=0, lt=1)
+    #: ND: "pseudo_labels" = class means of the score cache's teacher features grouped by teacher
+    #: label over the samples trained each epoch; "teacher_checkpoint" = a ``class_means`` [K, D]
+    #: tensor stored in the score.teacher checkpoint
+    nd_class_means: Literal["pseudo_labels", "teacher_checkpoint"] = "pseudo_labels"
+
+    @field_validator("extra_losses")
+    @classmethod
+    def _unique_losses(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError(f"each extra loss may appear once, got {value}")
+        return value
+
+
+class AveragingSection(Section):
+    """Weight averaging of the student during train (METHODS.md §2); `kd3 average` writes the models."""
+
+    #: any of "wakd", "sma", "swad"; empty: no averaging
+    modes: list[Literal["wakd", "sma", "swad"]] = Field(default_factory=list)
+    #: WAKD: average from this fraction of training onward (reference: 10 %)
+    start_fraction: float = Field(default=0.1, ge=0, le=1)
+    #: SMA: first (0-based, global) optimisation step whose weights enter the average
+    sma_start_step: int = Field(default=0, ge=0)
+    #: WAKD / SMA: take the weights every k-th step from the start (SWAD averages every step)
+    every: int = Field(default=1, ge=1)
+    #: SWAD: evaluate the validation loss (= close an averaging segment) every this many steps
+    swad_eval_every: int = Field(default=100, ge=1)
+    #: SWAD LossValley: segments in the converge window, in the tolerance window, threshold ratio
+    swad_n_converge: int = Field(default=3, ge=1)
+    swad_n_tolerance: int = Field(default=6, ge=1)
+    swad_tolerance_ratio: float = Field(default=0.3, ge=0)
+    #: SWAD validation loss on the held-out split: "kl" = KL(p_T‖p_S) at τ = 1 against the cached
+    #: teacher logits; "ce" = cross-entropy with the teacher's pseudo-labels
+    swad_val_loss: Literal["kl", "ce"] = "kl"
+    #: SWAD: share of the scored pool held out as validation split (never trained on), chosen by
+    #: uid hash; used only when "swad" is among the modes
+    val_fraction: float = Field(default=0.05, gt=0, lt=1)
+
+    @field_validator("modes")
+    @classmethod
+    def _unique_modes(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError(f"each averaging mode may appear once, got {value}")
+        return value
+
+
+class AverageSection(Section):
+    """`kd3 average`: the averaged students kept by train, written as normal student checkpoints."""
+
+    #: recompute BatchNorm running statistics of each averaged model with one pass over the training
+    #: data (off: the averaged statistics, as the WAKD reference)
+    bn_recompute: bool = False
+    #: at most this many batches (of train.batch_size) for that pass; None: every training sample
+    bn_max_batches: Optional[int] = Field(default=None, ge=1)
 
 
 #: named KD³ presets; a preset fills every kd3 key the config does not set explicitly
@@ -227,16 +286,28 @@ class Kd3Section(Section):
 
 class EvalDataset(Section):
     name: str
-    #: .npz with "images" (uint8 [N,H,W] or [N,C,H,W]) and "labels"
+    #: an .npz with "images" (uint8 [N,H,W] or [N,C,H,W]) and "labels"; a folder of class-named
+    #: sub-folders of images; or webdataset shards (a .tar, a folder of .tar files, a glob or a
+    #: brace pattern such as "shards/{00000..00009}.tar")
     path: str
+    #: "auto" tells the three apart by the path (see kd3/data/eval_sets.py)
+    format: Literal["auto", "npz", "folder", "webdataset"] = "auto"
+    #: webdataset: the field holding the label ("cls", "label", "json.label" …); None: the first of
+    #: cls, label, class, then json label / class / cls. Integers are class indices, text a class name
+    label_key: Optional[str] = None
 
 
 class EvaluateSection(Section):
     teacher: str
-    #: display name → kd3 student checkpoint
+    #: display name → kd3 student checkpoint (averaged students from `kd3 average` too)
     students: dict[str, str] = Field(default_factory=lambda: {"student": "{run}/train/last.pt"})
     datasets: list[EvalDataset]
     batch_size: int = Field(default=512, ge=1)
+    #: bins of the expected calibration error and the reliability diagrams
+    ece_bins: int = Field(default=15, ge=1, le=100)
+    #: agreement and KL on the distillation data: this many pool samples (chosen by uid hash), the
+    #: score cache's teacher logits against each student's logits; 0: off; None: the whole pool
+    distillation_samples: Optional[int] = Field(default=2000, ge=0)
 
     @field_validator("datasets")
     @classmethod
@@ -272,6 +343,8 @@ class PipelineConfig(Section):
     select: SelectSection = Field(default_factory=SelectSection)
     train: TrainSection = Field(default_factory=TrainSection)
     kd3: Kd3Section = Field(default_factory=Kd3Section)
+    averaging: AveragingSection = Field(default_factory=AveragingSection)
+    average: AverageSection = Field(default_factory=AverageSection)
     evaluate: EvaluateSection
     inspect: InspectSection = Field(default_factory=InspectSection)
 
@@ -283,7 +356,11 @@ class PipelineConfig(Section):
 
     def fingerprint(self, *sections: str) -> str:
         """Stable hash of the named sections (plus run.seed), for resume checks."""
-        payload = {name: _without_runtime_keys(self.section(name)) for name in sections}
+        payload = {}
+        for name in sections:
+            data = _without_later_defaults(name, _without_runtime_keys(self.section(name)))
+            if data or name not in LATER_SECTIONS:
+                payload[name] = data
         payload["seed"] = self.run.seed
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -291,9 +368,23 @@ class PipelineConfig(Section):
 #: keys that change how fast a stage runs, not what it computes; ignored by resume checks
 RUNTIME_KEYS = {"num_workers", "processes_count", "thread_count", "batch_size_eval"}
 
+#: keys added after run folders had been written: at these values they leave the fingerprint
+#: unchanged, so a finished or interrupted stage from before still resumes (any other value counts)
+LATER_DEFAULTS: dict[str, dict[str, Any]] = {
+    "train": {"extra_losses": [], "nd_weight": 1.0, "nd_dropout": 0.0, "nd_class_means": "pseudo_labels"},
+    "averaging": AveragingSection().model_dump(mode="json"),
+}
+#: sections added to an existing stage later: left out of its fingerprint while all at defaults
+LATER_SECTIONS = {"averaging"}
+
 
 def _without_runtime_keys(section: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in section.items() if k not in RUNTIME_KEYS}
+
+
+def _without_later_defaults(name: str, section: dict[str, Any]) -> dict[str, Any]:
+    later = LATER_DEFAULTS.get(name, {})
+    return {k: v for k, v in section.items() if k not in later or later[k] != v}
 
 
 def resolve_path(value: str, run_dir: Path) -> Path:

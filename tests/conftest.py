@@ -13,7 +13,8 @@ DEMO_CONFIG = REPO / "pipelines" / "demo.yaml"
 
 
 def toy_overrides(tmp: Path) -> list[str]:
-    """A pipeline small enough for CI: 2-epoch teacher, 124-URL pool, 2-epoch students (KD³ and plain KD)."""
+    """A pipeline small enough for CI: 2-epoch teacher, 124-URL pool, 2-epoch students (KD³ and plain KD),
+    keeping WAKD, SMA and SWAD averages (SWAD evaluating every 2 steps of the few the toy runs)."""
     url_list = tmp / "urls.parquet"
     return [
         "run.device=cpu",
@@ -28,6 +29,9 @@ def toy_overrides(tmp: Path) -> list[str]:
         "train.epochs=2",
         "train.batch_size=32",
         "kd3.tau=0.5",
+        "averaging.modes=[wakd,sma,swad]",
+        "averaging.swad_eval_every=2",
+        "averaging.sma_start_step=1",
     ]
 
 
@@ -40,7 +44,7 @@ def toy_run(tmp_path_factory):
     run_dir = tmp / "run"
     overrides = toy_overrides(tmp)
     steps = [["demo-data"], ["download"], ["score"], ["select"], ["train"],
-             ["train", "train.method=kd", "train.output=train-kd"], ["evaluate"]]
+             ["train", "train.method=kd", "train.output=train-kd"], ["average"], ["evaluate"]]
     for stage, *extra in steps:
         code = main([stage, "--config", str(DEMO_CONFIG), "--run-dir", str(run_dir), *overrides, *extra])
         assert code == 0, f"stage {stage} {extra} failed"

@@ -2,7 +2,9 @@
 
 An objective owns the student and any training-only parts (projector, embedding heads), takes a
 batch (student view, teacher view, cached teacher logits) and returns the total loss, its named
-terms and the per-sample feature-alignment weights. The train stage does the looping and I/O.
+terms and the per-sample feature-alignment weights. Add-on terms (ND) wrap an objective
+(:class:`WithND`) and read the student's pooled feature from its :class:`StepOutput`, so they
+work with every method without a second forward pass. The train stage does the looping and I/O.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from torch import nn
 from kd3.methods.kd import kd_loss
 from kd3.methods.kd3_losses import feature_weights, nt_xent, weighted_feature_alignment
 from kd3.methods.mixdistribution import _sample_beta, mix_distribution
+from kd3.methods.nd import NDEmbeddingHead, nd_loss
 from kd3.models.base import Kd3Model
 from kd3.models.distilled import DistilledStudent
 from kd3.models.projector import EmbeddingHead, Projector
@@ -30,6 +33,8 @@ class StepOutput:
     weights: Optional[torch.Tensor] = None
     #: the same terms as graph-attached tensors (for gradient checks and custom logging)
     tensors: Optional[dict[str, torch.Tensor]] = None
+    #: the student backbone's pooled feature [B, D_S], graph-attached (set with return_pooled=True)
+    student_pooled: Optional[torch.Tensor] = None
 
 
 class KDObjective(nn.Module):
@@ -37,15 +42,22 @@ class KDObjective(nn.Module):
 
     needs_teacher = False
 
-    def __init__(self, student: Kd3Model, temperature: float):
+    def __init__(self, student: Kd3Model, temperature: float, return_pooled: bool = False):
         super().__init__()
         self.student = student
         self.temperature = temperature
+        self.return_pooled = return_pooled
 
     def forward(self, x_student: torch.Tensor, x_teacher: Optional[torch.Tensor], teacher_logits: torch.Tensor,
                 generator: Optional[torch.Generator] = None) -> StepOutput:
-        loss = kd_loss(self.student(x_student), teacher_logits, self.temperature)
-        return StepOutput(loss=loss, terms={"kd": loss.item()}, tensors={"kd": loss})
+        pooled = None
+        if self.return_pooled:
+            out = self.student.extract(x_student)  # the same logits as forward, plus the pooled feature
+            logits, pooled = out.logits, out.pooled
+        else:
+            logits = self.student(x_student)
+        loss = kd_loss(logits, teacher_logits, self.temperature)
+        return StepOutput(loss=loss, terms={"kd": loss.item()}, tensors={"kd": loss}, student_pooled=pooled)
 
 
 class KD3Objective(nn.Module):
@@ -65,9 +77,11 @@ class KD3Objective(nn.Module):
                  feature_alignment: bool = True, feature_weight: str = "sigmoid", mixdistribution: bool = True,
                  mix_beta: float = 0.1, mix_p: float = 1.0, contrastive_weight: float = 0.001,
                  contrastive_temperature: float = 0.3, embed_dim: int = 128, teacher_contrastive: bool = True,
-                 kl_weight: float = 0.0, kl_temperature: float = 4.0, projector_factor: int = 2):
+                 kl_weight: float = 0.0, kl_temperature: float = 4.0, projector_factor: int = 2,
+                 return_pooled: bool = False):
         super().__init__()
         self.student = student
+        self.return_pooled = return_pooled
         self.shared = isinstance(student, DistilledStudent)
         backbone = student.backbone if self.shared else student
         self.projector = None if self.shared else Projector(backbone.feature_channels, teacher_map_shape[0],
@@ -107,6 +121,8 @@ class KD3Objective(nn.Module):
         terms: dict[str, torch.Tensor] = {}
         if self.feature_alignment:
             terms["fa"] = weighted_feature_alignment(projected, t_out.feature_map, weights)
+        # the backbone's own pooled feature: the contrastive head's input, and ND's
+        f_s = self.backbone.pool(student_map) if (self.mixdistribution or self.return_pooled) else None
         if self.mixdistribution:
             batch = x_student.shape[0]
             # one λ and permutation for both views, so student and teacher see the same perturbation
@@ -115,7 +131,6 @@ class KD3Objective(nn.Module):
             if self.mix_p < 1 and torch.rand(1, generator=generator).item() >= self.mix_p:
                 lam = torch.ones_like(lam)  # this batch is left unperturbed (probability 1 − p)
             x_mix = mix_distribution(x_student, lam=lam, perm=perm)
-            f_s = self.backbone.pool(student_map)
             f_s_mix = self.backbone.pool(self.backbone.forward_features(x_mix))
             terms["con_s"] = self.contrastive_weight * nt_xent(self.g_s(f_s), self.g_s(f_s_mix),
                                                                self.contrastive_temperature)
@@ -129,4 +144,60 @@ class KD3Objective(nn.Module):
         if self.kl_weight > 0:
             terms["kl"] = self.kl_weight * kd_loss(logits, teacher_logits, self.kl_temperature)
         loss = torch.stack(list(terms.values())).sum()
-        return StepOutput(loss=loss, terms={k: v.item() for k, v in terms.items()}, weights=weights, tensors=terms)
+        return StepOutput(loss=loss, terms={k: v.item() for k, v in terms.items()}, weights=weights, tensors=terms,
+                          student_pooled=f_s if self.return_pooled else None)
+
+
+class WithND(nn.Module):
+    """Any objective plus the ND term (METHODS.md §4): L = L_inner + λ·L_ND.
+
+    L_ND = (1/B) Σ_i [1 − ⟨f_s,i, c_y/‖c_y‖⟩ / max(‖f_s,i‖, ‖f_t,i‖)] with f_s = g(student backbone's
+    pooled feature), g = :class:`NDEmbeddingHead` (BN1d → Dropout → Linear to the teacher's
+    feature dim D_T, training-only), f_t the teacher's pooled feature [B, D_T] (the score cache),
+    y = argmax of the cached teacher logits (the teacher's pseudo-label) and c [K, D_T] the class
+    means set with :meth:`set_class_means`. The inner objective must be built with
+    ``return_pooled=True``. A batch of one sample is embedded with the head's running BN
+    statistics (BN1d cannot normalise a single sample by its own statistics).
+    """
+
+    def __init__(self, inner: nn.Module, student_dim: int, teacher_dim: int, weight: float = 1.0,
+                 dropout: float = 0.0):
+        super().__init__()
+        if not getattr(inner, "return_pooled", False):
+            raise ValueError("WithND needs an objective built with return_pooled=True")
+        self.inner = inner
+        self.head = NDEmbeddingHead(student_dim, teacher_dim, dropout)
+        self.weight = weight
+        # recomputed by the train stage every epoch from the samples it trains on; not checkpointed
+        self.register_buffer("class_means", torch.zeros(0, teacher_dim), persistent=False)
+
+    @property
+    def student(self) -> Kd3Model:
+        return self.inner.student
+
+    @property
+    def needs_teacher(self) -> bool:
+        return self.inner.needs_teacher
+
+    def set_class_means(self, means: torch.Tensor) -> None:
+        """Teacher class means c [K, D_T] (zero rows for classes without samples)."""
+        if means.dim() != 2 or means.shape[1] != self.head.linear.out_features:
+            raise ValueError(f"class means must be [K, {self.head.linear.out_features}], got {tuple(means.shape)}")
+        self.class_means = means.detach().to(self.class_means.device, torch.float32)
+
+    def forward(self, x_student: torch.Tensor, x_teacher: Optional[torch.Tensor], teacher_logits: torch.Tensor,
+                generator: Optional[torch.Generator] = None, *, teacher_feature: torch.Tensor) -> StepOutput:
+        if self.class_means.numel() == 0:
+            raise ValueError("WithND: call set_class_means before the first step")
+        step = self.inner(x_student, x_teacher, teacher_logits, generator)
+        pooled = step.student_pooled
+        single = self.training and pooled.shape[0] == 1
+        if single:
+            self.head.bn.eval()
+        embedding = self.head(pooled)
+        if single:
+            self.head.bn.train()
+        term = self.weight * nd_loss(embedding, teacher_feature, teacher_logits.argmax(1), self.class_means)
+        tensors = {**(step.tensors or {}), "nd": term}
+        return StepOutput(loss=step.loss + term, terms={**step.terms, "nd": term.item()}, weights=step.weights,
+                          tensors=tensors, student_pooled=pooled)

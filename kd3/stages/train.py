@@ -7,15 +7,23 @@ teacher logits (the teacher is never re-run for selection), the epoch's selectio
 the epoch trains only on it with feature alignment, the shared teacher classifier and the
 MixDistribution contrastive block (the teacher runs only for its feature maps).
 
+Either method can add the ND loss (``train.extra_losses: [nd]``, METHODS.md §4) and keep weight
+averages of the student (section ``averaging``: WAKD, SMA, SWAD; METHODS.md §2). The averages
+live on the training device, are updated after optimiser steps and are saved in every
+checkpoint's trainer state; ``kd3 average`` writes them as student checkpoints. SWAD holds out
+``averaging.val_fraction`` of the pool (by uid hash; never trained on, listed in
+``validation.parquet``) and evaluates the student on it every ``averaging.swad_eval_every`` steps.
+
 Outputs in ``RUN/train/``: ``epoch_XXX.pt`` per epoch and ``last.pt`` (student weights + metadata
-+ trainer state: optimizer, scheduler, epoch, RNG, training-only modules, config),
-``metrics.jsonl`` (one line per epoch) and, for KD³, ``selection/epoch_XXX.parquet`` (one row per
-pool sample). ``--resume`` continues after the last finished epoch with the same data order and
-the same selections as an uninterrupted run.
++ trainer state: optimizer, scheduler, epoch, global step, RNG, training-only modules, averages,
+config), ``metrics.jsonl`` (one line per epoch) and, for KD³, ``selection/epoch_XXX.parquet`` (one
+row per pool sample; held-out validation samples are never selected). ``--resume`` continues after
+the last finished epoch with the same data order, selections and averages as an uninterrupted run.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import random
@@ -35,7 +43,10 @@ from kd3.data.shards import ShardImages, image_loader, list_shards
 from kd3.errors import Kd3Error
 from kd3.inference import pool_logits
 from kd3.data.manifest import selection_manifest
-from kd3.methods.objectives import KD3Objective, KDObjective
+from kd3.methods.averaging_tracker import TrainingAverages, map_tensors
+from kd3.methods.fidelity import predictive_kl
+from kd3.methods.nd import teacher_class_means
+from kd3.methods.objectives import KD3Objective, KDObjective, WithND
 from kd3.methods.selection import SelectionResult, alpha_schedule, select_dynamic
 from kd3.models import InputSpec, ModelMeta, build_model, load_model, read_checkpoint, save_checkpoint
 from kd3.models.checkpoints import load_state_dict_strict
@@ -48,8 +59,9 @@ from kd3.stages.select import MANIFEST
 
 NAME = "train"
 SUMMARY = "train the student (plain KD or KD³ with per-epoch selection); checkpoint + metrics per epoch"
-SECTIONS = ("train", "kd3")
+SECTIONS = ("train", "kd3", "averaging")
 SELECTION_DIR = "selection"
+VALIDATION = "validation.parquet"
 
 
 def output_name(cfg: PipelineConfig) -> str:
@@ -68,6 +80,8 @@ def check(cfg: PipelineConfig, run_dir: Path) -> dict[str, str]:
         if not teacher.is_file():
             raise Kd3Error(f"{cfg.source}: score.teacher: file not found: {teacher} "
                            "(KD³ needs the teacher's feature maps and classifier during training)")
+    if "nd" in cfg.train.extra_losses and cfg.train.nd_class_means == "teacher_checkpoint":
+        _checkpoint_class_means(cfg, run_dir)  # fail before any work when they are missing
     from kd3.models import MODELS
 
     MODELS.get(cfg.train.student.arch)  # fail before any work on an unknown architecture
@@ -90,6 +104,45 @@ def _static_rows(cfg: PipelineConfig, run_dir: Path, uid_to_row: dict[str, int])
     manifest = pd.read_parquet(run_dir / "select" / MANIFEST, columns=["uid", "selected"])
     chosen = manifest.loc[manifest["selected"], "uid"]
     return {uid: uid_to_row[uid] for uid in chosen if uid in uid_to_row}
+
+
+def validation_mask(uids: pd.Series, fraction: float) -> np.ndarray:
+    """SWAD's held-out split over score-cache rows: bool [N], True for validation samples.
+
+    The max(1, round(fraction·N)) rows with the smallest SHA-256("kd3-val:" + uid): deterministic,
+    independent of row order, and a sample's membership depends only on its uid and the pool.
+    """
+    keys = np.array([hashlib.sha256(f"kd3-val:{uid}".encode()).hexdigest() for uid in uids])
+    n_val = max(1, round(fraction * len(keys)))
+    if n_val >= len(keys):
+        raise Kd3Error(f"averaging.val_fraction={fraction} leaves no training sample in a pool of {len(keys)}; "
+                       "lower it or drop swad from averaging.modes")
+    mask = np.zeros(len(keys), dtype=bool)
+    mask[np.argsort(keys, kind="stable")[:n_val]] = True
+    return mask
+
+
+def training_rows(cfg: PipelineConfig, scores: TeacherOutputs) -> tuple[dict[str, int], np.ndarray]:
+    """(uid → score-cache row of every sample training may use, validation mask [N]).
+
+    The pool minus SWAD's held-out split (no split without SWAD).
+    """
+    frame = scores.frame
+    if "swad" in cfg.averaging.modes:
+        held_out = validation_mask(frame["uid"], cfg.averaging.val_fraction)
+    else:
+        held_out = np.zeros(len(frame), dtype=bool)
+    rows = {uid: i for i, uid in enumerate(frame["uid"]) if not held_out[i]}
+    return rows, held_out
+
+
+def _checkpoint_class_means(cfg: PipelineConfig, run_dir: Path) -> torch.Tensor:
+    path = Path(cfg.score.teacher.replace("{run}", str(run_dir)))
+    means = read_checkpoint(path).get("class_means")
+    if not isinstance(means, torch.Tensor) or means.dim() != 2 or not means.is_floating_point():
+        raise Kd3Error(f"{path}: no 'class_means' tensor [K, D] for train.nd_class_means=teacher_checkpoint; "
+                       "use train.nd_class_means=pseudo_labels")
+    return means.float()
 
 
 def _rng_state() -> dict[str, Any]:
@@ -125,10 +178,12 @@ def _build(cfg: PipelineConfig, run_dir: Path, scores: TeacherOutputs, device: t
     teacher_meta = scores.teacher
     spec = student_input_spec(cfg, teacher_meta.input)
     backbone = build_model(t.student.arch, teacher_meta.num_classes, spec.channels, t.student.options)
+    nd = "nd" in t.extra_losses
     if t.method == "kd":
         meta = ModelMeta(arch=t.student.arch, options=t.student.options, num_classes=teacher_meta.num_classes,
                          class_names=teacher_meta.class_names, input=spec)
-        return backbone.to(device), meta, KDObjective(backbone, t.temperature).to(device), None
+        objective = _with_extras(cfg, KDObjective(backbone, t.temperature, return_pooled=nd), backbone, scores)
+        return backbone.to(device), meta, objective.to(device), None
     teacher, loaded_meta, _ = load_model(Path(cfg.score.teacher.replace("{run}", str(run_dir))), device)
     if not getattr(teacher, "supports_feature_alignment", True):
         raise Kd3Error(f"teacher {loaded_meta.arch!r} exposes no feature map that reproduces its logits "
@@ -157,18 +212,115 @@ def _build(cfg: PipelineConfig, run_dir: Path, scores: TeacherOutputs, device: t
         mixdistribution=k.mixdistribution, mix_beta=k.mix_beta, mix_p=k.mix_p,
         contrastive_weight=k.contrastive_weight, contrastive_temperature=k.contrastive_temperature,
         embed_dim=k.embed_dim, teacher_contrastive=k.teacher_contrastive, kl_weight=k.kl_weight,
-        kl_temperature=k.kl_temperature, projector_factor=k.projector_factor)
+        kl_temperature=k.kl_temperature, projector_factor=k.projector_factor, return_pooled=nd)
+    objective = _with_extras(cfg, objective, backbone, scores)
     return student.to(device), meta, objective.to(device), teacher
 
 
-def _training_only_state(objective: torch.nn.Module) -> dict[str, torch.Tensor]:
+def _with_extras(cfg: PipelineConfig, objective: torch.nn.Module, backbone: torch.nn.Module,
+                 scores: TeacherOutputs) -> torch.nn.Module:
+    """Wrap the method's objective with the extra losses (ND: student backbone's pooled dim → D_T)."""
+    t = cfg.train
+    if "nd" not in t.extra_losses:
+        return objective
+    return WithND(objective, backbone.feature_dim, scores.features.shape[1], weight=t.nd_weight, dropout=t.nd_dropout)
+
+
+def _student_prefix(objective: torch.nn.Module, student: torch.nn.Module) -> str:
+    """Where the student sits in the objective's state dict ("student.", "inner.student." …)."""
+    return next(name for name, module in objective.named_modules() if module is student) + "."
+
+
+def _training_only_state(objective: torch.nn.Module, student: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The objective's own modules (projector, embedding heads), without the student's weights."""
-    return {k: v for k, v in objective.state_dict().items() if not k.startswith("student.")}
+    prefix = _student_prefix(objective, student)
+    return {k: v for k, v in objective.state_dict().items() if not k.startswith(prefix)}
+
+
+def _fixed_class_means(cfg: PipelineConfig, scores: TeacherOutputs, run_dir: Path) -> Optional[torch.Tensor]:
+    """ND class means shipped with the teacher (train.nd_class_means=teacher_checkpoint), else None."""
+    if "nd" not in cfg.train.extra_losses or cfg.train.nd_class_means != "teacher_checkpoint":
+        return None
+    means = _checkpoint_class_means(cfg, run_dir)
+    expected = (scores.logits.shape[1], scores.features.shape[1])
+    if tuple(means.shape) != expected:
+        raise Kd3Error(f"{cfg.score.teacher}: class_means has shape {tuple(means.shape)}, expected "
+                       f"[{expected[0]}, {expected[1]}] (classes, teacher feature dim)")
+    return means
+
+
+def nd_class_means(scores: TeacherOutputs, rows: dict[str, int]) -> torch.Tensor:
+    """c_k [K, D_T] over the samples trained this epoch: score-cache pooled teacher features grouped by
+    the teacher's pseudo-label (argmax of the cached logits); a class without samples gets a zero row."""
+    idx = torch.tensor(sorted(rows.values()), dtype=torch.long)
+    return teacher_class_means(scores.features[idx], scores.logits[idx].argmax(1), scores.logits.shape[1])[0]
+
+
+# ---------------------------------------------------------------------------------------- averaging
+def _averages(cfg: PipelineConfig) -> Optional[TrainingAverages]:
+    a = cfg.averaging
+    if not a.modes:
+        return None
+    return TrainingAverages(a.modes, start_fraction=a.start_fraction, sma_start_step=a.sma_start_step, every=a.every,
+                            swad_eval_every=a.swad_eval_every, swad_n_converge=a.swad_n_converge,
+                            swad_n_tolerance=a.swad_n_tolerance, swad_tolerance_ratio=a.swad_tolerance_ratio)
+
+
+def _validation_images(shards: list[Path], spec: InputSpec, val_rows: dict[str, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The held-out samples decoded once (uint8 [n, C, S, S] at the student's input, score rows [n]).
+
+    Iterates the dataset directly, not through a DataLoader, so it draws nothing from torch's
+    global RNG (a resumed run must see the same random stream as an uninterrupted one).
+    """
+    images: dict[int, torch.Tensor] = {}
+    for item in ShardImages(shards, spec, uid_to_row=val_rows):
+        images[item["row"]] = item["image"]
+    if not images:
+        raise Kd3Error("none of the held-out SWAD validation samples could be decoded; raise averaging.val_fraction")
+    order = sorted(images)
+    return torch.stack([images[r] for r in order]), torch.tensor(order, dtype=torch.long)
+
+
+@torch.no_grad()
+def validation_loss(student: torch.nn.Module, spec: InputSpec, images: torch.Tensor, teacher_logits: torch.Tensor,
+                    kind: str, batch_size: int, device: torch.device) -> float:
+    """SWAD's validation loss of the current weights on the held-out split (eval mode, then back).
+
+    ``"kl"``: mean KL(p_T ‖ p_S) at τ = 1 against the cached teacher logits; ``"ce"``: cross-entropy
+    with the teacher's pseudo-labels (argmax of the cached logits). Computed in float64 on CPU.
+    """
+    was_training = student.training
+    student.eval()
+    logits = torch.cat([student(normalize(images[i:i + batch_size].to(device), spec)).float().cpu()
+                        for i in range(0, len(images), batch_size)])
+    student.train(was_training)
+    if kind == "kl":
+        return predictive_kl(teacher_logits, logits, 1.0)
+    return torch.nn.functional.cross_entropy(logits.double(), teacher_logits.argmax(1)).item()
 
 
 # ---------------------------------------------------------------------------------------- selection
 def _epoch_selection(cfg: PipelineConfig, epoch: int, teacher_logits: torch.Tensor,
-                     student_logits: Optional[torch.Tensor]) -> tuple[SelectionResult, float]:
+                     student_logits: Optional[torch.Tensor],
+                     held_out: Optional[torch.Tensor] = None) -> tuple[SelectionResult, float]:
+    """The epoch's selection over the pool; held-out rows (SWAD validation) take no part in it:
+    thresholds and counts come from the training rows only and held-out rows are never selected
+    (their combined predictions are still reported in the manifest)."""
+    if held_out is None or not bool(held_out.any()):
+        return _pool_selection(cfg, epoch, teacher_logits, student_logits)
+    train_idx = torch.nonzero(~held_out).flatten()
+    sub, alpha = _pool_selection(cfg, epoch, teacher_logits[train_idx],
+                                 None if student_logits is None else student_logits[train_idx])
+    full, _ = _pool_selection(cfg, epoch, teacher_logits, student_logits)
+    mask = torch.zeros(len(teacher_logits), dtype=torch.bool)
+    mask[train_idx] = sub.mask
+    return SelectionResult(mask=mask, labels=full.labels, confidences=full.confidences, thresholds=sub.thresholds,
+                           counts=sub.counts, selected_per_class=sub.selected_per_class,
+                           fallback_used=sub.fallback_used, dominant_class=sub.dominant_class), alpha
+
+
+def _pool_selection(cfg: PipelineConfig, epoch: int, teacher_logits: torch.Tensor,
+                    student_logits: Optional[torch.Tensor]) -> tuple[SelectionResult, float]:
     k = cfg.kd3
     if k.selection == "all":
         n, classes = teacher_logits.shape
@@ -190,11 +342,13 @@ def run(cfg: PipelineConfig, out: StageDir) -> dict[str, Any]:
     run_dir = out.run_dir
     scores = load_teacher_outputs(run_dir)
     pool_rows = scores.uid_to_row
+    train_rows, held_out = training_rows(cfg, scores)
     student, meta, objective, teacher = _build(cfg, run_dir, scores, device)
     params = [p for p in objective.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: lr_factor(cfg, e))
-    start_epoch = 0
+    averages = _averages(cfg)
+    start_epoch = global_step = 0
     last = out.path / "last.pt"
     if out.resumed and last.exists():
         payload = read_checkpoint(last)
@@ -202,11 +356,16 @@ def run(cfg: PipelineConfig, out: StageDir) -> dict[str, Any]:
         trainer = payload["trainer"]
         extra = trainer.get("training_only", {})
         if extra:
-            objective.load_state_dict({**{f"student.{k}": v for k, v in payload["state_dict"].items()}, **extra})
+            prefix = _student_prefix(objective, student)
+            objective.load_state_dict({**{f"{prefix}{k}": v for k, v in payload["state_dict"].items()}, **extra})
         optimizer.load_state_dict(trainer["optimizer"])
         scheduler.load_state_dict(trainer["scheduler"])
         _set_rng_state(trainer["rng"])
+        if averages is not None:
+            # back onto the training device, where the running averages are kept
+            averages.load_state_dict(map_tensors(trainer["averaging"], lambda v: v.to(device)))
         start_epoch = trainer["epoch"] + 1
+        global_step = int(trainer.get("global_step", 0))
         print(f"[{NAME}] resuming after epoch {start_epoch} from {last}")
     # drop records of an epoch that was interrupted after logging but before its checkpoint
     metrics_path = out.path / "metrics.jsonl"
@@ -216,15 +375,26 @@ def run(cfg: PipelineConfig, out: StageDir) -> dict[str, Any]:
     shards = list_shards(run_dir / "download")
     teacher_logits = scores.logits
     names = meta.class_names
-    static_rows = _static_rows(cfg, run_dir, pool_rows) if t.method == "kd" else None
+    held_out_t = torch.from_numpy(held_out)
+    fixed_means = _fixed_class_means(cfg, scores, run_dir)
+    static_rows = _static_rows(cfg, run_dir, train_rows) if t.method == "kd" else None
     if static_rows is not None and not static_rows:
         raise Kd3Error(f"no training samples: the selection in {run_dir / 'select'} is empty; "
                        "lower select.threshold or use train.data=all")
+    val_images = val_rows = None
+    if held_out.any():
+        val_frame = scores.frame.loc[held_out, ["uid", "teacher_label", "teacher_conf"]]
+        with atomic_path(out.path / VALIDATION) as tmp:
+            val_frame.to_parquet(tmp, index=False)
+        val_images, val_rows = _validation_images(shards, meta.input, {uid: pool_rows[uid] for uid in val_frame["uid"]})
     described = (f"plain KD (τ={t.temperature}) on cached teacher logits, {len(static_rows)} samples"
                  if t.method == "kd" else
-                 f"KD³ over a pool of {len(pool_rows)} (selection={cfg.kd3.selection}, "
+                 f"KD³ over a pool of {len(train_rows)} (selection={cfg.kd3.selection}, "
                  f"shared classifier={'on' if cfg.kd3.shared_classifier else 'off'})")
-    print(f"[{NAME}] {t.student.arch} student, {t.epochs} epochs, {described}")
+    extras = f", extra losses {'+'.join(t.extra_losses)}" if t.extra_losses else ""
+    averaged = f", averaging {'+'.join(averages.modes)}" if averages is not None else ""
+    held = f", {len(val_rows)} samples held out for SWAD" if val_rows is not None else ""
+    print(f"[{NAME}] {t.student.arch} student, {t.epochs} epochs, {described}{extras}{averaged}{held}")
     if t.method == "kd3":
         (out.path / SELECTION_DIR).mkdir(exist_ok=True)
 
@@ -237,7 +407,7 @@ def run(cfg: PipelineConfig, out: StageDir) -> dict[str, Any]:
             if cfg.kd3.selection == "dynamic":
                 student_logits = pool_logits(student, meta.input, meta.num_classes, shards, pool_rows,
                                              cfg.score.batch_size, t.num_workers, device)
-            selection, alpha = _epoch_selection(cfg, epoch, teacher_logits, student_logits)
+            selection, alpha = _epoch_selection(cfg, epoch, teacher_logits, student_logits, held_out_t)
             chosen = set(torch.nonzero(selection.mask).flatten().tolist())
             rows = {uid: r for uid, r in pool_rows.items() if r in chosen}
             record.update(alpha=alpha, selected=len(rows),
@@ -256,6 +426,8 @@ def run(cfg: PipelineConfig, out: StageDir) -> dict[str, Any]:
                       "(see kd3.threshold_floor / kd3.max_class_share)")
         else:
             rows = static_rows
+        if "nd" in t.extra_losses:
+            objective.set_class_means(fixed_means if fixed_means is not None else nd_class_means(scores, rows))
 
         student.train()
         objective.train()
@@ -267,16 +439,28 @@ def run(cfg: PipelineConfig, out: StageDir) -> dict[str, Any]:
         weights_last = torch.full((len(pool_rows),), float("nan"))
         sums: dict[str, float] = {}
         seen = agree = 0
+        val_losses: list[float] = []
+        n_batches = math.ceil(len(rows) / t.batch_size)
         loader = image_loader(dataset, t.batch_size, t.num_workers)
-        for batch in tqdm(loader, desc=f"[{NAME}] epoch {epoch + 1}/{t.epochs}", unit="batch", leave=False,
-                          disable=None, total=math.ceil(len(rows) / t.batch_size)):
+        for i, batch in enumerate(tqdm(loader, desc=f"[{NAME}] epoch {epoch + 1}/{t.epochs}", unit="batch",
+                                       leave=False, disable=None, total=n_batches)):
             x = normalize(batch["image"].to(device), meta.input)
             x_t = normalize(batch["teacher_image"].to(device), teacher_view) if teacher_view is not None else x
             z_t = teacher_logits[batch["row"]].to(device)
-            step = objective(x, x_t, z_t, generator)
+            if "nd" in t.extra_losses:
+                step = objective(x, x_t, z_t, generator, teacher_feature=scores.features[batch["row"]].to(device))
+            else:
+                step = objective(x, x_t, z_t, generator)
             optimizer.zero_grad(set_to_none=True)
             step.loss.backward()
             optimizer.step()
+            if averages is not None:
+                averages.after_step(student, global_step, epoch + min(i + 1, n_batches) / n_batches, t.epochs)
+                if averages.swad_due(global_step):
+                    val_losses.append(validation_loss(student, meta.input, val_images, teacher_logits[val_rows],
+                                                      cfg.averaging.swad_val_loss, cfg.score.batch_size, device))
+                    averages.close_swad_segment(val_losses[-1])
+            global_step += 1
             n = len(x)
             seen += n
             for name, value in {"loss": step.loss.item(), **{f"loss_{k}": v for k, v in step.terms.items()}}.items():
@@ -295,19 +479,33 @@ def run(cfg: PipelineConfig, out: StageDir) -> dict[str, Any]:
             frame = selection_manifest(scores.frame, epoch, selection, record["alpha"], student_logits, weights_last)
             with atomic_path(out.path / SELECTION_DIR / f"epoch_{epoch:03d}.parquet") as tmp:
                 frame.to_parquet(tmp, index=False)
-        record.update(lr=lr, samples=seen, seconds=round(time.monotonic() - started, 2))
+        record.update(lr=lr, samples=seen, step=global_step, seconds=round(time.monotonic() - started, 2))
+        if averages is not None:
+            record["averaged"] = averages.counts()
+            if averages.swad is not None:
+                record.update(swad_val_losses=val_losses, swad_start=averages.swad.start, swad_end=averages.swad.end)
         append_jsonl(metrics_path, record)
-        trainer_state = {"epoch": epoch, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                         "rng": _rng_state(), "training_only": _training_only_state(objective),
-                         "config": {"train": cfg.section("train"), "kd3": cfg.section("kd3")}, "seed": cfg.run.seed}
+        trainer_state = {"epoch": epoch, "global_step": global_step, "optimizer": optimizer.state_dict(),
+                         "scheduler": scheduler.state_dict(), "rng": _rng_state(),
+                         "training_only": _training_only_state(objective, student),
+                         "config": {"train": cfg.section("train"), "kd3": cfg.section("kd3"),
+                                    "averaging": cfg.section("averaging")}, "seed": cfg.run.seed}
+        if averages is not None:
+            trainer_state["averaging"] = map_tensors(averages.state_dict(), lambda v: v.detach().cpu())
         epoch_path = out.path / f"epoch_{epoch:03d}.pt"
         save_checkpoint(epoch_path, student, meta, trainer=trainer_state)
         with atomic_path(last) as tmp:
             shutil.copyfile(epoch_path, tmp)
         parts = " ".join(f"{k[5:]} {v:.4f}" for k, v in record.items() if k.startswith("loss_"))
         extra = f" α {record['alpha']:.3f} selected {record['selected']}" if t.method == "kd3" else ""
+        if val_losses:
+            extra += f" swad val {cfg.averaging.swad_val_loss} {val_losses[-1]:.4f}"
         print(f"[{NAME}] epoch {epoch + 1}/{t.epochs}: loss {record['loss']:.4f} ({parts}){extra} "
               f"({record['seconds']:.1f}s)")
     final = read_jsonl(metrics_path)[-1]
-    return {"method": t.method, "epochs": t.epochs, "final_loss": final["loss"],
-            "final_selected": final.get("selected", len(static_rows or {}))}
+    counts = {"method": t.method, "epochs": t.epochs, "final_loss": final["loss"],
+              "final_selected": final.get("selected", len(static_rows or {})), "steps": final.get("step")}
+    if averages is not None:
+        counts["averaged"] = averages.counts()
+        counts["validation_held_out"] = int(held_out.sum())
+    return counts

@@ -34,9 +34,10 @@ def test_open_clip_zero_shot_teacher_into_a_small_cnn_student(toy_run, tmp_path)
     assert score_meta["teacher"]["input"]["channels"] == 3 and score_meta["teacher"]["input"]["image_size"] == 64
     assert main(["train", *common]) == 0
     assert main(["train", *common, "train.method=kd", "train.data=all", "train.output=train-kd"]) == 0
+    assert main(["average", *common]) == 0
     assert main(["evaluate", *common, f"evaluate.datasets=[{{name: private_test, path: {private}}}]"]) == 0
     report = json.loads((tmp_path / "evaluate" / "report.json").read_text())
-    assert {r["model"] for r in report["rows"]} == {"teacher", "kd3", "kd"}
+    assert {r["model"] for r in report["rows"]} == {"teacher", "kd3", "kd3-wakd", "kd3-sma", "kd"}
     last = json.loads((tmp_path / "train" / "meta.json").read_text())
     assert last["status"] == "complete"
     from kd3.models import load_model

@@ -21,7 +21,7 @@ def meta(run_dir, stage):
 
 def test_every_stage_completes_with_counts(toy_run):
     run_dir, _ = toy_run
-    for stage in ("demo-data", "download", "score", "select", "train", "train-kd", "evaluate"):
+    for stage in ("demo-data", "download", "score", "select", "train", "train-kd", "average", "evaluate"):
         m = meta(run_dir, stage)
         assert m["status"] == "complete", stage
         assert m["config_fingerprint"] and m["versions"]["torch"]
@@ -74,7 +74,8 @@ def test_evaluate_report_has_teacher_and_student_rows(toy_run):
     run_dir, _ = toy_run
     report = json.loads((run_dir / "evaluate" / "report.json").read_text())
     rows = {(r["dataset"], r["model"]): r for r in report["rows"]}
-    assert set(rows) == {(d, m) for d in ("private_test", "mnist_shifted") for m in ("teacher", "kd3", "kd")}
+    models = ("teacher", "kd3", "kd3-wakd", "kd3-sma", "kd")
+    assert set(rows) == {(d, m) for d in ("private_test", "mnist_shifted") for m in models}
     for name in ("kd3", "kd"):
         student = rows[("private_test", name)]
         assert 0.0 <= student["agreement"] <= 1.0 and student["kl"] >= 0.0
