@@ -18,7 +18,7 @@ import glob
 import hashlib
 import json
 from pathlib import Path
-from typing import Iterator, Optional, Sequence, Union
+from typing import Iterable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -153,20 +153,25 @@ class FolderEvalSet(EvalSet):
             raise Kd3Error(f"{path}: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in its class folders")
 
     def batches(self, batch_size: int) -> Iterator[tuple[Images, torch.Tensor]]:
-        images: list[torch.Tensor] = []
-        labels: list[int] = []
-        for file, label in self.files:
-            try:
-                images.append(decode_image(file.read_bytes()))
-            except Exception:  # PIL raises many types for corrupt files
-                self.skipped += 1
-                continue
-            labels.append(label)
-            if len(images) == batch_size:
-                yield images, torch.tensor(labels, dtype=torch.int64)
-                images, labels = [], []
-        if images:
+        yield from _decoded_batches(self, ((file.read_bytes(), label) for file, label in self.files), batch_size)
+
+
+def _decoded_batches(owner, pairs: Iterable[tuple[bytes, int]], batch_size: int) -> Iterator[tuple[Images, torch.Tensor]]:
+    """(encoded bytes, label) pairs → batches of decoded images; undecodable ones counted in owner.skipped."""
+    images: list[torch.Tensor] = []
+    labels: list[int] = []
+    for data, label in pairs:
+        try:
+            images.append(decode_image(data))
+        except Exception:  # PIL raises many types for corrupt files
+            owner.skipped += 1
+            continue
+        labels.append(label)
+        if len(images) == batch_size:
             yield images, torch.tensor(labels, dtype=torch.int64)
+            images, labels = [], []
+    if images:
+        yield images, torch.tensor(labels, dtype=torch.int64)
 
 
 def parse_label(value: object, class_names: Sequence[str], where: str) -> int:
@@ -214,25 +219,15 @@ class WebDatasetEvalSet(EvalSet):
 
         dataset = wds.WebDataset([str(p) for p in self.shards], shardshuffle=False, nodesplitter=None,
                                  workersplitter=None, empty_check=False)
-        images: list[torch.Tensor] = []
-        labels: list[int] = []
-        for sample in dataset:
-            image_key = next((k for k in SHARD_IMAGE_KEYS if k in sample), None)
-            if image_key is None:
-                continue  # not an image sample
-            where = f"{sample.get('__url__', self.path)}:{sample.get('__key__', '?')}"
-            label = self._label(sample, where)
-            try:
-                images.append(decode_image(sample[image_key]))
-            except Exception:  # PIL raises many types for corrupt files
-                self.skipped += 1
-                continue
-            labels.append(label)
-            if len(images) == batch_size:
-                yield images, torch.tensor(labels, dtype=torch.int64)
-                images, labels = [], []
-        if images:
-            yield images, torch.tensor(labels, dtype=torch.int64)
+        def labelled() -> Iterator[tuple[bytes, int]]:
+            for sample in dataset:
+                image_key = next((k for k in SHARD_IMAGE_KEYS if k in sample), None)
+                if image_key is None:
+                    continue  # not an image sample
+                where = f"{sample.get('__url__', self.path)}:{sample.get('__key__', '?')}"
+                yield sample[image_key], self._label(sample, where)
+
+        yield from _decoded_batches(self, labelled(), batch_size)
 
 
 def open_eval_set(name: str, path: Path, class_names: Sequence[str], fmt: str = "auto",
