@@ -16,7 +16,7 @@ from typing import Any
 
 import pandas as pd
 
-from kd3.config import PipelineConfig, require_file
+from kd3.config import PipelineConfig, require_file, resolve_path
 from kd3.data.demo import PORT_PLACEHOLDER
 from kd3.data.loopback import serve_directory
 from kd3.data.manifest import read_url_list
@@ -36,7 +36,7 @@ def _url_list_path(cfg: PipelineConfig) -> Path:
 def check(cfg: PipelineConfig, run_dir: Path) -> dict[str, str]:
     url_list = require_file(cfg, "download.url_list", _url_list_path(cfg),
                             "write one with `kd3 demo-data` or point download.url_list at your URL list")
-    if cfg.download.serve_root is not None and not Path(cfg.download.serve_root.replace("{run}", str(run_dir))).is_dir():
+    if cfg.download.serve_root is not None and not resolve_path(cfg.download.serve_root, run_dir).is_dir():
         raise ConfigError(f"{cfg.source}: download.serve_root: folder not found: {cfg.download.serve_root} "
                           "(run `kd3 demo-data` first)")
     return {"url_list": file_fingerprint(url_list)}
@@ -91,7 +91,7 @@ def run(cfg: PipelineConfig, out: StageDir) -> dict[str, Any]:
     out_dir.mkdir(parents=True, exist_ok=True)
     extra_columns = [c for c in urls.columns if c != "url"]
     if serve_root is not None:
-        serve_root = serve_root.replace("{run}", str(run_dir))
+        serve_root = str(resolve_path(serve_root, run_dir))
     server = serve_directory(serve_root) if serve_root else contextlib.nullcontext(None)
     with server as base_url:
         resolved = urls.copy()

@@ -37,7 +37,7 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from kd3.config import PipelineConfig
+from kd3.config import PipelineConfig, resolve_path
 from kd3.data.images import normalize
 from kd3.data.shards import ShardImages, image_loader, list_shards
 from kd3.errors import Kd3Error
@@ -76,7 +76,7 @@ def check(cfg: PipelineConfig, run_dir: Path) -> dict[str, str]:
         require_complete(run_dir, "select", NAME + " (train.data=selected; use train.data=all to skip selection)")
         inputs["select"] = stage_input_fingerprint(run_dir, "select")
     if cfg.train.method == "kd3":
-        teacher = Path(cfg.score.teacher.replace("{run}", str(run_dir)))
+        teacher = resolve_path(cfg.score.teacher, run_dir)
         if not teacher.is_file():
             raise Kd3Error(f"{cfg.source}: score.teacher: file not found: {teacher} "
                            "(KD³ needs the teacher's feature maps and classifier during training)")
@@ -137,7 +137,7 @@ def training_rows(cfg: PipelineConfig, scores: TeacherOutputs) -> tuple[dict[str
 
 
 def _checkpoint_class_means(cfg: PipelineConfig, run_dir: Path) -> torch.Tensor:
-    path = Path(cfg.score.teacher.replace("{run}", str(run_dir)))
+    path = resolve_path(cfg.score.teacher, run_dir)
     means = read_checkpoint(path).get("class_means")
     if not isinstance(means, torch.Tensor) or means.dim() != 2 or not means.is_floating_point():
         raise Kd3Error(f"{path}: no 'class_means' tensor [K, D] for train.nd_class_means=teacher_checkpoint; "
@@ -184,7 +184,7 @@ def _build(cfg: PipelineConfig, run_dir: Path, scores: TeacherOutputs, device: t
                          class_names=teacher_meta.class_names, input=spec)
         objective = _with_extras(cfg, KDObjective(backbone, t.temperature, return_pooled=nd), backbone, scores)
         return backbone.to(device), meta, objective.to(device), None
-    teacher, loaded_meta, _ = load_model(Path(cfg.score.teacher.replace("{run}", str(run_dir))), device)
+    teacher, loaded_meta, _ = load_model(resolve_path(cfg.score.teacher, run_dir), device)
     if not getattr(teacher, "supports_feature_alignment", True):
         raise Kd3Error(f"teacher {loaded_meta.arch!r} exposes no feature map that reproduces its logits "
                        "(e.g. a class-token ViT), so KD³'s alignment is unavailable; use train.method=kd "

@@ -5,23 +5,14 @@ import torch
 
 from kd3.methods.nd import nd_loss, teacher_class_means
 from kd3.methods.objectives import KD3Objective, KDObjective, WithND
-from kd3.models import build_model
 from kd3.models.distilled import distilled_from_teacher
-
-
-def models():
-    torch.manual_seed(0)
-    teacher = build_model("small_cnn", 4, 1, {"widths": [8, 16]}).eval()
-    for p in teacher.parameters():
-        p.requires_grad_(False)
-    backbone = build_model("small_cnn", 4, 1, {"widths": [4, 6], "convs_per_stage": 1})
-    return teacher, backbone
+from tests.unit.test_objectives import teacher_and_student
 
 
 def objectives():
-    teacher, backbone = models()
+    teacher, backbone = teacher_and_student()
     yield "kd", KDObjective(backbone, 4.0, return_pooled=True), backbone, teacher
-    teacher, backbone = models()
+    teacher, backbone = teacher_and_student()
     student = distilled_from_teacher(backbone, teacher, (16, 8, 8))
     yield "kd3", KD3Objective(student, teacher, (16, 8, 8), return_pooled=True), backbone, teacher
 
@@ -64,7 +55,7 @@ def test_nd_golden_value_when_embedding_is_the_class_direction():
 
 
 def test_a_batch_of_one_sample_uses_running_statistics_and_needs_pooled_features():
-    teacher, backbone = models()
+    teacher, backbone = teacher_and_student()
     objective = WithND(KDObjective(backbone, 4.0, return_pooled=True), backbone.feature_dim, teacher.feature_dim)
     objective.set_class_means(torch.ones(4, teacher.feature_dim))
     x = torch.randn(1, 1, 16, 16)
