@@ -10,13 +10,14 @@ ARGS ?=
 # TORCH_SPEC="torch torchvision --index-url https://download.pytorch.org/whl/cu124"
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?=
+BENCH_ARGS ?=
 
 export NO_ALBUMENTATIONS_UPDATE := 1
 export PYTHONUNBUFFERED := 1
 KD3 := $(VENV)/bin/kd3
 STAMP := $(VENV)/.kd3-installed
 
-.PHONY: help install demo test demo-data download score select train train-kd average evaluate inspect validate
+.PHONY: help install demo test bench-quality demo-data download score select train train-kd average evaluate inspect validate
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -37,7 +38,7 @@ demo: $(STAMP) ## run the whole pipeline on the embedded demo (CPU, minutes)
 	$(KD3) score --config $(CONFIG) --run-dir $(RUN) --resume $(ARGS)
 	$(KD3) select --config $(CONFIG) --run-dir $(RUN) --resume $(ARGS)
 	$(KD3) train --config $(CONFIG) --run-dir $(RUN) --resume $(ARGS)
-	$(KD3) train --config $(CONFIG) --run-dir $(RUN) --resume train.method=kd train.output=train-kd $(ARGS)
+	$(KD3) train --config $(CONFIG) --run-dir $(RUN) --resume train.objective=kd train.selector=teacher_confidence train.output=train-kd $(ARGS)
 	$(KD3) average --config $(CONFIG) --run-dir $(RUN) --resume $(ARGS)
 	$(KD3) evaluate --config $(CONFIG) --run-dir $(RUN) --resume $(ARGS)
 	$(KD3) inspect --config $(CONFIG) --run-dir $(RUN) --resume $(ARGS)
@@ -47,6 +48,9 @@ test: $(STAMP) ## run the test suite (pytest's exit 5, "no tests collected", is 
 	@$(VENV)/bin/python -m pytest $(PYTEST_ARGS); status=$$?; \
 	if [ $$status -eq 5 ]; then echo "make test: pytest collected no tests; there must be tests" >&2; fi; \
 	exit $$status
+
+bench-quality: $(STAMP) ## quality benchmark (methods × seeds × scenarios) → BENCHMARKS.md; BENCH_ARGS=--quick etc.
+	$(KD3) bench --config benchmarks/quality.yaml $(BENCH_ARGS)
 
 validate: $(STAMP) ## validate CONFIG without running anything
 	$(KD3) validate --config $(CONFIG)
@@ -67,7 +71,7 @@ train: $(STAMP) ## train the student (checkpoint + metrics per epoch)
 	$(KD3) train --config $(CONFIG) --run-dir $(RUN) $(ARGS)
 
 train-kd: $(STAMP) ## train the plain-KD baseline into RUN/train-kd
-	$(KD3) train --config $(CONFIG) --run-dir $(RUN) train.method=kd train.output=train-kd $(ARGS)
+	$(KD3) train --config $(CONFIG) --run-dir $(RUN) train.objective=kd train.selector=teacher_confidence train.output=train-kd $(ARGS)
 
 average: $(STAMP) ## write the WAKD / SMA / SWAD averages kept by train as student checkpoints
 	$(KD3) average --config $(CONFIG) --run-dir $(RUN) $(ARGS)

@@ -16,15 +16,14 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from kd3.errors import ConfigError
+from kd3.params import Params
 
 
-class Section(BaseModel):
+class Section(Params):
     """Base of every config section: unknown keys are errors, values are checked on assignment."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
 class ModelSpec(Section):
@@ -105,26 +104,13 @@ class ScoreSection(Section):
 
 
 class SelectSection(Section):
-    """The stand-alone selection pass (KD³'s training selects again every epoch)."""
+    """The stand-alone selection pass (training runs its selector again every epoch)."""
 
-    #: "teacher_confidence": teacher max-softmax ≥ threshold; "dynamic": KD³'s rule (§1a) with a
-    #: student checkpoint and α, using kd3.tau / kd3.threshold_floor / kd3.max_class_share
-    rule: Literal["teacher_confidence", "dynamic"] = "teacher_confidence"
-    #: keep samples whose teacher max-softmax is at least this (rule teacher_confidence)
-    threshold: float = Field(default=0.9, ge=0, le=1)
-    #: keep at most this many (most confident) samples per teacher class (rule teacher_confidence)
-    per_class_cap: Optional[int] = Field(default=None, ge=1)
-    #: rule dynamic: a kd3 student checkpoint (e.g. "{run}/train/epoch_005.pt"); needed when alpha < 1
+    #: a registered selector (``kd3 selectors`` lists them); its parameters: ``selectors.<name>``
+    selector: str = "teacher_confidence"
+    #: a kd3 student checkpoint (e.g. "{run}/train/epoch_005.pt") for selectors that combine
+    #: teacher and student predictions (kd3_dynamic with alpha < 1)
     student: Optional[str] = None
-    #: rule dynamic: weight of the teacher's logits in the combination (1 = teacher only)
-    alpha: float = Field(default=1.0, ge=0, le=1)
-
-    @model_validator(mode="after")
-    def _student_when_needed(self) -> "SelectSection":
-        if self.rule == "dynamic" and self.alpha < 1 and self.student is None:
-            raise ValueError("rule dynamic with alpha < 1 combines teacher and student logits: "
-                             "set select.student to a student checkpoint")
-        return self
 
 
 class InputOverride(Section):
@@ -140,13 +126,17 @@ class TrainSection(Section):
     student: ModelSpec = Field(default_factory=lambda: ModelSpec(arch="small_cnn", options={"widths": [8, 16, 32], "convs_per_stage": 1}))
     #: the student's input size/channels/mean/std; unset keys take the teacher's (its checkpoint metadata)
     student_input: InputOverride = Field(default_factory=InputOverride)
-    #: "kd": KL(p_T‖p_S) on cached teacher logits; "kd3": KD³ (the kd3 section), selection inside train
-    method: Literal["kd", "kd3"] = "kd"
+    #: a registered training objective: "kd" = KL(p_T‖p_S) on cached teacher logits, "kd3" = KD³
+    #: (its settings: the kd3 section)
+    objective: str = "kd"
+    #: a registered selector run over the pool every epoch (parameters: ``selectors.<name>``)
+    selector: str = "teacher_confidence"
+    #: a selection smaller than this share of the (eligible) pool, or one where nothing passed the
+    #: rule (the fallback), stops the run with an error: a collapsed selection trains a useless
+    #: student that would otherwise finish "successfully"; 0 allows any selection
+    min_selected_fraction: float = Field(default=0.01, ge=0, le=1)
     #: output folder name under the run, so variants (e.g. plain KD beside KD³) share upstream stages
     output: str = Field(default="train", pattern=r"^train[A-Za-z0-9_.-]*$")
-    #: for method=kd: "selected" = the select stage's manifest, "all" = every downloaded sample
-    #: (method=kd3 always trains on the pool and selects per epoch, see kd3.selection)
-    data: Literal["selected", "all"] = "selected"
     epochs: int = Field(default=10, ge=1)
     batch_size: int = Field(default=128, ge=1)
     lr: float = Field(default=0.05, gt=0)
@@ -155,9 +145,10 @@ class TrainSection(Section):
     scheduler: Literal["cosine", "step", "constant"] = "cosine"
     #: epochs (fractions of the run) at which "step" multiplies the lr by 0.1
     step_milestones: list[float] = Field(default_factory=lambda: [0.625, 0.75, 0.875])
+    #: KD temperature τ of every KL(p_T‖p_S) term (plain KD, KD³'s optional KL term)
     temperature: float = Field(default=4.0, gt=0)
     num_workers: int = Field(default=0, ge=0)
-    #: loss terms added to either method: "nd" (norm and direction, METHODS.md §4)
+    #: loss terms added to any objective: "nd" (norm and direction, METHODS.md §4)
     extra_losses: list[Literal["nd"]] = Field(default_factory=list)
     #: ND: weight λ of L_ND in the total loss
     nd_weight: float = Field(default=1.0, ge=0)
@@ -221,8 +212,7 @@ class AverageSection(Section):
 #: named KD³ presets; a preset fills every kd3 key the config does not set explicitly
 KD3_PRESETS: dict[str, dict[str, Any]] = {
     # the reference behaviour of the paper's code (METHODS.md §1), nothing from §6
-    "kd3-paper": {"selection": "dynamic", "tau": 0.95, "alpha_mode": "reference", "threshold_floor": 0.0,
-                  "max_class_share": None, "feature_alignment": True, "feature_weight": "sigmoid",
+    "kd3-paper": {"feature_alignment": True, "feature_weight": "sigmoid",
                   "shared_classifier": True, "projector_factor": 2, "mixdistribution": True, "mix_beta": 0.1,
                   "mix_p": 1.0, "contrastive_weight": 0.001, "contrastive_temperature": 0.3, "embed_dim": 128,
                   "teacher_contrastive": True, "kl_weight": 0.0},
@@ -230,21 +220,11 @@ KD3_PRESETS: dict[str, dict[str, Any]] = {
 
 
 class Kd3Section(Section):
-    """KD³ (METHODS.md §1). Every part can be switched off for ablations."""
+    """The KD³ objective (METHODS.md §1b–1d); its selection rule is the kd3_dynamic selector (§1a).
+    Every part can be switched off for ablations."""
 
     #: fill unset keys from a named preset (see KD3_PRESETS); explicit keys still win
     preset: Optional[Literal["kd3-paper"]] = None
-    #: "dynamic": combined teacher+student predictions each epoch (§1a); "teacher": α = 1 (teacher only,
-    #: class-adaptive thresholds); "all": no selection
-    selection: Literal["dynamic", "teacher", "all"] = "dynamic"
-    tau: float = Field(default=0.95, gt=0, le=1)
-    #: α schedule: "reference" (relative to train.epochs, cut at half), "absolute" (240-epoch constants),
-    #: "smooth" (relative, no cut)
-    alpha_mode: Literal["reference", "absolute", "smooth"] = "reference"
-    #: lower bound of every class threshold τ_k (0 = paper; guards against τ_k → 0 for rare classes)
-    threshold_floor: float = Field(default=0.0, ge=0, le=1)
-    #: cap on any class's share of the selected set (None = paper)
-    max_class_share: Optional[float] = Field(default=None, gt=0, le=1)
     #: weighted feature alignment L_fa (§1c)
     feature_alignment: bool = True
     feature_weight: Literal["sigmoid", "batch_normalised"] = "sigmoid"
@@ -260,9 +240,8 @@ class Kd3Section(Section):
     embed_dim: int = Field(default=128, ge=1)
     #: the teacher-side NT-Xent term; it trains only the teacher's embedding head, never the student
     teacher_contrastive: bool = True
-    #: optional KL(p_T‖p_S) term (off in the paper); needed when shared_classifier is off
+    #: optional KL(p_T‖p_S) term at train.temperature (off in the paper); needed when shared_classifier is off
     kl_weight: float = Field(default=0.0, ge=0)
-    kl_temperature: float = Field(default=4.0, gt=0)
 
     @model_validator(mode="before")
     @classmethod
@@ -343,6 +322,8 @@ class PipelineConfig(Section):
     select: SelectSection = Field(default_factory=SelectSection)
     train: TrainSection = Field(default_factory=TrainSection)
     kd3: Kd3Section = Field(default_factory=Kd3Section)
+    #: parameters of registered selectors, by name (unset ones take their defaults)
+    selectors: dict[str, dict[str, Any]] = Field(default_factory=dict)
     averaging: AveragingSection = Field(default_factory=AveragingSection)
     average: AverageSection = Field(default_factory=AverageSection)
     evaluate: EvaluateSection
@@ -351,8 +332,32 @@ class PipelineConfig(Section):
     #: where the config came from (for error messages); not part of the YAML
     source: str = Field(default="<config>", exclude=True)
 
+    @field_validator("selectors")
+    @classmethod
+    def _known_selectors(cls, value: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        return {name: _selector_params(name, params).model_dump(mode="json", exclude_unset=True)
+                for name, params in value.items()}
+
+    @model_validator(mode="after")
+    def _selectors_in_use(self) -> "PipelineConfig":
+        from kd3.methods.selectors import SELECTORS
+
+        for key, name in (("train.selector", self.train.selector), ("select.selector", self.select.selector)):
+            if name not in SELECTORS:
+                raise ValueError(f"{key}: unknown selector {name!r} (known: {', '.join(SELECTORS.names())})")
+        select = SELECTORS.get(self.select.selector)
+        if select.needs_student(self.selector_params(select.name)) and self.select.student is None:
+            raise ValueError(f"select.selector {select.name} with these parameters combines teacher and student "
+                             "predictions: set select.student to a student checkpoint (or a selector alpha of 1)")
+        return self
+
+    def selector_params(self, name: str) -> Params:
+        """The validated parameters of selector ``name`` (``selectors.<name>`` over its defaults)."""
+        return _selector_params(name, self.selectors.get(name, {}))
+
     def section(self, name: str) -> dict[str, Any]:
-        return getattr(self, name).model_dump(mode="json")
+        value = getattr(self, name)
+        return dict(value) if isinstance(value, dict) else value.model_dump(mode="json")
 
     def fingerprint(self, *sections: str) -> str:
         """Stable hash of the named sections (plus run.seed), for resume checks."""
@@ -385,6 +390,22 @@ def _without_runtime_keys(section: dict[str, Any]) -> dict[str, Any]:
 def _without_later_defaults(name: str, section: dict[str, Any]) -> dict[str, Any]:
     later = LATER_DEFAULTS.get(name, {})
     return {k: v for k, v in section.items() if k not in later or later[k] != v}
+
+
+def _selector_params(name: str, params: Any) -> Params:
+    from kd3.methods.selectors import SELECTORS
+
+    if name not in SELECTORS:
+        raise ValueError(f"unknown selector {name!r} (known: {', '.join(SELECTORS.names())})")
+    if not isinstance(params, dict):
+        raise ValueError(f"{name}: expected a mapping of parameters, got {params!r}")
+    try:
+        return SELECTORS.get(name).params.model_validate(params)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        key = ".".join(str(p) for p in err["loc"])
+        where = f"{name}.{key}" if key else name
+        raise ValueError(f"{where}: {err['msg']}") from None
 
 
 def resolve_path(value: str, run_dir: Path) -> Path:
@@ -426,6 +447,9 @@ def _format_validation_error(exc: ValidationError, origin: str) -> str:
         return f"{origin}: unknown key {key!r}"
     if err["type"] == "missing":
         return f"{origin}: missing required key {key!r}"
+    if err["type"] == "value_error":
+        message = err["msg"].removeprefix("Value error, ")
+        return f"{origin}: {message}" if key == "<root>" else f"{origin}: {key}: {message}"
     got = err.get("input")
     got_text = f", got {got!r}" if got is not None and not isinstance(got, dict) else ""
     more = f" (and {len(exc.errors()) - 1} more problem(s))" if len(exc.errors()) > 1 else ""

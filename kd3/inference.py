@@ -1,4 +1,4 @@
-"""Running a model over images: the web pool (shards, keyed by score-cache row) or an array."""
+"""Running a model over images: the web pool (shards, keyed by score-cache row) or decoded batches."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 from kd3.data.images import normalize, prepare_uint8
 from kd3.data.shards import ShardImages, image_loader
 from kd3.errors import Kd3Error
-from kd3.models.checkpoints import InputSpec
+from kd3.models.spec import InputSpec
 
 
 @torch.no_grad()
@@ -29,12 +29,11 @@ def pool_logits(model: torch.nn.Module, spec: InputSpec, num_classes: int, shard
 
 
 @torch.no_grad()
-def array_logits(model: torch.nn.Module, spec: InputSpec, images: torch.Tensor, batch_size: int,
+def batch_logits(model: torch.nn.Module, spec: InputSpec, images: torch.Tensor | list[torch.Tensor],
                  device: torch.device) -> torch.Tensor:
-    """Logits for a uint8 [N, C, H, W] array (evaluation sets), resized/normalised for ``spec``."""
-    model.eval()
-    outputs = []
-    for start in range(0, len(images), batch_size):
-        batch = prepare_uint8(images[start:start + batch_size], spec).to(device)
-        outputs.append(model(normalize(batch, spec)).float().cpu())
-    return torch.cat(outputs)
+    """Logits [B, K] for a uint8 batch [B, C, H, W] or a list of uint8 [C, H, W] of any sizes."""
+    if isinstance(images, torch.Tensor):
+        batch = prepare_uint8(images, spec)
+    else:
+        batch = torch.stack([prepare_uint8(image, spec) for image in images])
+    return model(normalize(batch.to(device), spec)).float().cpu()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import difflib
-from typing import Callable, Generic, Iterator, TypeVar
+from typing import Generic, Iterator, TypeVar
 
 from kd3.errors import Kd3Error
 
@@ -30,6 +30,13 @@ class Registry(Generic[T]):
             return target
 
         return add(obj) if obj is not None else add
+
+    def unregister(self, name: str) -> None:
+        """Remove ``name`` (e.g. an entry a test registered for itself)."""
+        if name not in self._entries:
+            raise KeyError(f"{self.kind} {name!r} is not registered")
+        del self._entries[name]
+        del self._docs[name]
 
     def get(self, name: str) -> T:
         if name in self._entries:

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 from torchvision.transforms.v2 import functional as TF
 
-from kd3.models.checkpoints import InputSpec
+from kd3.models.spec import InputSpec
 
 # ITU-R 601 luma, as PIL's convert("L")
 _LUMA = torch.tensor([0.299, 0.587, 0.114]).view(3, 1, 1)

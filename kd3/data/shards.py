@@ -20,7 +20,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from kd3.data.images import decode_image, prepare_uint8
 from kd3.errors import Kd3Error
-from kd3.models.checkpoints import InputSpec
+from kd3.models.spec import InputSpec
 
 log = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
@@ -104,9 +104,6 @@ class ShardImages(IterableDataset):
         self.seed = seed
         self.epoch = epoch
         self.skipped = _SkipCounter()
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
 
     def _my_shards(self) -> tuple[list[Path], random.Random]:
         info = get_worker_info()

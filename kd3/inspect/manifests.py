@@ -18,11 +18,12 @@ from typing import Iterator, Optional, Sequence
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from kd3 import layout
 from kd3.errors import Kd3Error
 
 #: the train stage's folder (``train.output``; variants such as "train_kd" live beside it)
-TRAIN_DIR = "train"
-SELECT_MANIFEST = Path("select") / "manifest.parquet"
+TRAIN_DIR = layout.TRAIN
+SELECT_MANIFEST = Path(layout.SELECT) / layout.SELECT_MANIFEST
 _EPOCH_FILE = re.compile(r"^epoch_(\d+)\.parquet$")
 #: record batch size for streaming reads: large enough for vectorised work, small in memory
 BATCH_ROWS = 65_536
@@ -49,7 +50,7 @@ class ManifestRef:
 
 
 def selection_dir(run_dir: Path, train: str = TRAIN_DIR) -> Path:
-    return Path(run_dir) / train / "selection"
+    return layout.selection_dir(Path(run_dir) / train)
 
 
 def epoch_manifests(run_dir: Path, train: str = TRAIN_DIR) -> list[ManifestRef]:

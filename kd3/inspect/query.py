@@ -33,10 +33,6 @@ class RowFilter:
     #: prediction family for --class/--min-conf: combined, teacher or student (default: combined if present)
     by: Optional[str] = None
 
-    @property
-    def is_any(self) -> bool:
-        return self.selected is None and self.classes is None and self.min_conf is None
-
 
 def resolve_classes(values: Sequence[str], names: Optional[Sequence[str]]) -> tuple[int, ...]:
     """``--class`` values (names or indices, repeated or comma-separated) → class indices.

@@ -20,6 +20,7 @@ import pyarrow.compute as pc
 from kd3.errors import Kd3Error
 from kd3.inspect.manifests import (TRAIN_DIR, ManifestRef, class_names as read_class_names, columns_of,
                                    find_manifests, iter_batches, prediction_columns)
+from kd3 import layout
 from kd3.runs import read_jsonl
 
 #: training-metric keys shown in tables and plots when metrics.jsonl has them
@@ -216,7 +217,7 @@ def pool_info(run_dir: Path) -> dict[str, Any]:
 
 def read_metrics(run_dir: Path, train: str = TRAIN_DIR) -> dict[int, dict[str, Any]]:
     """metrics.jsonl by epoch (the train stage's epoch numbers match the manifests' file names)."""
-    return {int(r["epoch"]): r for r in read_jsonl(Path(run_dir) / train / "metrics.jsonl") if "epoch" in r}
+    return {int(r["epoch"]): r for r in read_jsonl(Path(run_dir) / train / layout.METRICS) if "epoch" in r}
 
 
 def summarize(refs: Sequence[ManifestRef], class_names: Optional[Sequence[str]] = None, bins: int = 20,

@@ -191,6 +191,15 @@ class TrainingAverages:
         self.swad = (SwadTracker(swad_eval_every, swad_n_converge, swad_n_tolerance, swad_tolerance_ratio)
                      if "swad" in self.modes else None)
 
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any], modes: Optional[Sequence[str]] = None) -> "TrainingAverages":
+        """Built from the ``averaging`` config section as a plain mapping (the config, or the copy
+        saved in a checkpoint's trainer state); ``modes`` overrides the section's modes."""
+        return cls(config["modes"] if modes is None else modes, start_fraction=config["start_fraction"],
+                   sma_start_step=config["sma_start_step"], every=config["every"],
+                   swad_eval_every=config["swad_eval_every"], swad_n_converge=config["swad_n_converge"],
+                   swad_n_tolerance=config["swad_n_tolerance"], swad_tolerance_ratio=config["swad_tolerance_ratio"])
+
     def after_step(self, model: nn.Module, step: int, epochs_done: float, total_epochs: int) -> None:
         """Take the weights after (0-based, global) step ``step``; ``epochs_done`` = epochs completed
         after it (e + (i+1)/n_e for batch i of n_e in epoch e)."""

@@ -4,13 +4,14 @@ An objective owns the student and any training-only parts (projector, embedding 
 batch (student view, teacher view, cached teacher logits) and returns the total loss, its named
 terms and the per-sample feature-alignment weights. Add-on terms (ND) wrap an objective
 (:class:`WithND`) and read the student's pooled feature from its :class:`StepOutput`, so they
-work with every method without a second forward pass. The train stage does the looping and I/O.
+work with every method without a second forward pass. The training engine (:mod:`kd3.training`)
+does the looping and I/O; it knows objectives only through :class:`Objective`'s interface.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -37,10 +38,27 @@ class StepOutput:
     student_pooled: Optional[torch.Tensor] = None
 
 
-class KDObjective(nn.Module):
-    """Plain KD: KL(p_T ‖ p_S)·τ² against cached teacher logits; the teacher is never run."""
+class Objective(nn.Module):
+    """What the training loop knows of a method: a step, and two optional hooks.
 
+    ``forward(x_student, x_teacher, teacher_logits, generator, *, teacher_feature=None)`` returns a
+    :class:`StepOutput`; ``teacher_feature`` is the score cache's pooled teacher feature [B, D_T]
+    (objectives that do not use it ignore it). ``student`` is the module that is saved and deployed.
+    """
+
+    #: whether the objective runs the (frozen) teacher itself, on a teacher view of the batch
     needs_teacher = False
+
+    def begin_epoch(self, epoch: int, rows: torch.Tensor) -> None:
+        """Called before each epoch with the score-cache rows [n] the epoch trains on."""
+
+    def step_metrics(self, x_student: torch.Tensor, teacher_logits: torch.Tensor) -> dict[str, float]:
+        """Per-batch sums of extra metrics (divided by the epoch's sample count when logged)."""
+        return {}
+
+
+class KDObjective(Objective):
+    """Plain KD: KL(p_T ‖ p_S)·τ² against cached teacher logits; the teacher is never run."""
 
     def __init__(self, student: Kd3Model, temperature: float, return_pooled: bool = False):
         super().__init__()
@@ -49,7 +67,8 @@ class KDObjective(nn.Module):
         self.return_pooled = return_pooled
 
     def forward(self, x_student: torch.Tensor, x_teacher: Optional[torch.Tensor], teacher_logits: torch.Tensor,
-                generator: Optional[torch.Generator] = None) -> StepOutput:
+                generator: Optional[torch.Generator] = None, *,
+                teacher_feature: Optional[torch.Tensor] = None) -> StepOutput:
         pooled = None
         if self.return_pooled:
             out = self.student.extract(x_student)  # the same logits as forward, plus the pooled feature
@@ -60,7 +79,7 @@ class KDObjective(nn.Module):
         return StepOutput(loss=loss, terms={"kd": loss.item()}, tensors={"kd": loss}, student_pooled=pooled)
 
 
-class KD3Objective(nn.Module):
+class KD3Objective(Objective):
     """KD³ (METHODS.md §1b–1d): weighted feature alignment through a projector, the teacher's
     frozen classifier shared by the student, and the MixDistribution contrastive block.
 
@@ -109,8 +128,19 @@ class KD3Objective(nn.Module):
             return self.student.project(student_map)
         return self.projector(student_map, self.teacher_map_size)
 
+    def step_metrics(self, x_student: torch.Tensor, teacher_logits: torch.Tensor) -> dict[str, float]:
+        """``train_agreement``: the updated student's top-1 agreement with the teacher on the batch.
+
+        A second forward in training mode (so it also moves BatchNorm running statistics, as it
+        always has: results stay comparable across versions); the performance work may drop it.
+        """
+        with torch.no_grad():
+            agree = (self.student(x_student).argmax(1) == teacher_logits.argmax(1)).sum().item()
+        return {"train_agreement": agree}
+
     def forward(self, x_student: torch.Tensor, x_teacher: torch.Tensor, teacher_logits: torch.Tensor,
-                generator: Optional[torch.Generator] = None) -> StepOutput:
+                generator: Optional[torch.Generator] = None, *,
+                teacher_feature: Optional[torch.Tensor] = None) -> StepOutput:
         teacher = self.__dict__["teacher"]
         with torch.no_grad():
             t_out = teacher.extract(x_teacher)
@@ -148,7 +178,7 @@ class KD3Objective(nn.Module):
                           student_pooled=f_s if self.return_pooled else None)
 
 
-class WithND(nn.Module):
+class WithND(Objective):
     """Any objective plus the ND term (METHODS.md §4): L = L_inner + λ·L_ND.
 
     L_ND = (1/B) Σ_i [1 − ⟨f_s,i, c_y/‖c_y‖⟩ / max(‖f_s,i‖, ‖f_t,i‖)] with f_s = g(student backbone's
@@ -157,18 +187,21 @@ class WithND(nn.Module):
     y = argmax of the cached teacher logits (the teacher's pseudo-label) and c [K, D_T] the class
     means set with :meth:`set_class_means`. The inner objective must be built with
     ``return_pooled=True``. A batch of one sample is embedded with the head's running BN
-    statistics (BN1d cannot normalise a single sample by its own statistics).
+    statistics (BN1d cannot normalise a single sample by its own statistics). With
+    ``means_for_rows`` the class means are recomputed at every epoch start from the rows that epoch
+    trains on (:meth:`begin_epoch`); without it they are fixed by :meth:`set_class_means`.
     """
 
-    def __init__(self, inner: nn.Module, student_dim: int, teacher_dim: int, weight: float = 1.0,
-                 dropout: float = 0.0):
+    def __init__(self, inner: Objective, student_dim: int, teacher_dim: int, weight: float = 1.0,
+                 dropout: float = 0.0, means_for_rows: Optional[Callable[[torch.Tensor], torch.Tensor]] = None):
         super().__init__()
         if not getattr(inner, "return_pooled", False):
             raise ValueError("WithND needs an objective built with return_pooled=True")
         self.inner = inner
         self.head = NDEmbeddingHead(student_dim, teacher_dim, dropout)
         self.weight = weight
-        # recomputed by the train stage every epoch from the samples it trains on; not checkpointed
+        self.means_for_rows = means_for_rows
+        # recomputed every epoch from the samples it trains on (or fixed); not checkpointed
         self.register_buffer("class_means", torch.zeros(0, teacher_dim), persistent=False)
 
     @property
@@ -178,6 +211,14 @@ class WithND(nn.Module):
     @property
     def needs_teacher(self) -> bool:
         return self.inner.needs_teacher
+
+    def begin_epoch(self, epoch: int, rows: torch.Tensor) -> None:
+        self.inner.begin_epoch(epoch, rows)
+        if self.means_for_rows is not None:
+            self.set_class_means(self.means_for_rows(rows))
+
+    def step_metrics(self, x_student: torch.Tensor, teacher_logits: torch.Tensor) -> dict[str, float]:
+        return self.inner.step_metrics(x_student, teacher_logits)
 
     def set_class_means(self, means: torch.Tensor) -> None:
         """Teacher class means c [K, D_T] (zero rows for classes without samples)."""

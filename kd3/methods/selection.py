@@ -55,19 +55,19 @@ def alpha_schedule(epoch: int, total_epochs: int, mode: str = "reference") -> fl
 
 
 def class_thresholds(labels: torch.Tensor, confidences: torch.Tensor, num_classes: int,
-                     tau: float = 0.95, threshold_floor: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Class-adaptive thresholds τ_k (METHODS.md §1a).
+                     threshold: float = 0.95, threshold_floor: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Class-adaptive thresholds θ_k (METHODS.md §1a).
 
-    n_k = #{i : ŷ_i = k and c_i > τ}, β_k = n_k / max_j n_j, τ_k = max(τ·β_k/(2−β_k), floor).
+    n_k = #{i : ŷ_i = k and c_i > θ}, β_k = n_k / max_j n_j, θ_k = max(θ·β_k/(2−β_k), floor).
 
-    Edge cases: a class with n_k = 0 gets β_k = 0, hence τ_k = 0 (reference behaviour: every
+    Edge cases: a class with n_k = 0 gets β_k = 0, hence θ_k = 0 (reference behaviour: every
     sample predicted as that class passes — ``threshold_floor`` is the guard); when all n_k = 0,
-    β is undefined and we use β_k = 1, i.e. τ_k = τ for every class.
+    β is undefined and we use β_k = 1, i.e. θ_k = θ for every class.
 
     Shapes: labels [N] (long, in [0, K)), confidences [N] → (thresholds [K] float, counts [K] long).
     """
     _check_int("num_classes", num_classes, minimum=1)
-    _check_unit("tau", tau)
+    _check_unit("threshold", threshold)
     _check_unit("threshold_floor", threshold_floor)
     if labels.dim() != 1 or confidences.dim() != 1 or labels.shape != confidences.shape:
         raise ValueError(f"labels and confidences must be 1-D of equal length, got {tuple(labels.shape)} "
@@ -78,13 +78,13 @@ def class_thresholds(labels: torch.Tensor, confidences: torch.Tensor, num_classe
         raise ValueError(f"labels must lie in [0, {num_classes}), got range "
                          f"[{int(labels.min())}, {int(labels.max())}]")
     dtype = confidences.dtype if confidences.is_floating_point() else torch.float32
-    counts = torch.bincount(labels[confidences > tau].long(), minlength=num_classes)
+    counts = torch.bincount(labels[confidences > threshold].long(), minlength=num_classes)
     max_count = int(counts.max())
     if max_count == 0:
         beta = torch.ones(num_classes, dtype=dtype, device=confidences.device)
     else:
         beta = counts.to(dtype) / max_count
-    thresholds = (tau * beta / (2.0 - beta)).clamp_min(threshold_floor)
+    thresholds = (threshold * beta / (2.0 - beta)).clamp_min(threshold_floor)
     return thresholds, counts
 
 
@@ -96,7 +96,8 @@ class SelectionResult:
     target); ``confidences`` [N]; ``thresholds`` [K]; ``counts`` long [K] (confident samples per
     class, n_k); ``selected_per_class`` long [K]; ``fallback_used``: the rule selected nothing and
     the most confident samples were taken instead; ``dominant_class``: a class holding more than
-    ``dominance_fraction`` of the confident samples (class-collapse warning, §6), else None.
+    ``dominance_fraction`` of the confident samples (class-collapse warning, §6), else None;
+    ``alpha``: the teacher weight of the combined predictions the rule used.
     """
 
     mask: torch.Tensor
@@ -107,6 +108,8 @@ class SelectionResult:
     selected_per_class: torch.Tensor
     fallback_used: bool
     dominant_class: int | None
+    #: teacher weight α of the combined predictions (1 when only the teacher's predictions count)
+    alpha: float = 1.0
 
     @property
     def num_selected(self) -> int:
@@ -114,15 +117,15 @@ class SelectionResult:
 
 
 def select_dynamic(teacher_logits: torch.Tensor, student_logits: torch.Tensor | None, alpha: float,
-                   tau: float = 0.95, threshold_floor: float = 0.0, max_class_share: float | None = None,
+                   threshold: float = 0.95, threshold_floor: float = 0.0, max_class_share: float | None = None,
                    min_selected: int = 1, dominance_fraction: float = 0.5) -> SelectionResult:
-    """KD³ selection (METHODS.md §1a): keep i when c_i > τ_{ŷ_i} (strict), on ẑ = α·z_T + (1−α)·z_S.
+    """KD³ selection (METHODS.md §1a): keep i when c_i > θ_{ŷ_i} (strict), on ẑ = α·z_T + (1−α)·z_S.
 
     Logits [N, K]; ``student_logits`` may be None only when α = 1. Computed without gradients.
 
     Guards (defaults = reference behaviour):
 
-    - ``threshold_floor``: lower bound on every τ_k (see :func:`class_thresholds`).
+    - ``threshold_floor``: lower bound on every θ_k (see :func:`class_thresholds`).
     - ``max_class_share`` in (0, 1] (None = off): with n_sel samples selected by the rule, each
       class keeps at most cap = max(1, floor(share·n_sel)) of its selected samples, its most
       confident ones (ties → lower index). The cap is computed once from n_sel before capping, so
@@ -154,7 +157,7 @@ def select_dynamic(teacher_logits: torch.Tensor, student_logits: torch.Tensor | 
             combined = alpha * teacher_logits + (1.0 - alpha) * student_logits
     confidences, labels = _confidence_and_label(combined)
     num_classes = teacher_logits.shape[1]
-    thresholds, counts = class_thresholds(labels, confidences, num_classes, tau, threshold_floor)
+    thresholds, counts = class_thresholds(labels, confidences, num_classes, threshold, threshold_floor)
     mask = confidences > thresholds[labels]
     if max_class_share is not None:
         if not 0.0 < float(max_class_share) <= 1.0:
@@ -162,7 +165,9 @@ def select_dynamic(teacher_logits: torch.Tensor, student_logits: torch.Tensor | 
         # epsilon so that e.g. 0.29·100 (= 28.999…96 in floating point) floors to 29
         cap = max(1, math.floor(float(max_class_share) * int(mask.sum()) + 1e-9))
         mask = _cap_per_class(mask, labels, confidences, num_classes, cap)
-    return _finish(mask, labels, confidences, thresholds, counts, min_selected, dominance_fraction)
+    result = _finish(mask, labels, confidences, thresholds, counts, min_selected, dominance_fraction)
+    result.alpha = alpha
+    return result
 
 
 def select_by_teacher_confidence(teacher_logits: torch.Tensor, threshold: float,

@@ -1,8 +1,8 @@
 """Models: registry, checkpoints and the uniform feature interface."""
 
 from kd3.models.base import FeatureOutput, Kd3Model
-from kd3.models.checkpoints import (InputSpec, ModelMeta, import_state_dict, load_model, read_checkpoint,
-                                    read_state_dict, save_checkpoint)
+from kd3.models.checkpoints import import_state_dict, load_model, read_checkpoint, read_state_dict, save_checkpoint
+from kd3.models.spec import InputSpec, ModelMeta
 from kd3.models.registry import MODELS, build_model
 
 __all__ = ["FeatureOutput", "Kd3Model", "InputSpec", "ModelMeta", "MODELS", "build_model", "import_state_dict",

@@ -11,57 +11,19 @@ them) become a kd3 checkpoint with :func:`import_state_dict` (`kd3 import-checkp
 from __future__ import annotations
 
 import argparse
-import re
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 
 from kd3 import __version__
-from kd3.errors import Kd3Error
+from kd3.errors import Kd3Error, load_error_reason
 from kd3.models.base import Kd3Model
 from kd3.models.registry import build_model
+from kd3.models.spec import InputSpec, ModelMeta
 from kd3.runs import atomic_torch_save
 
 FORMAT_VERSION = 1
-
-
-@dataclass(frozen=True)
-class InputSpec:
-    """How images must be prepared for a model."""
-
-    image_size: int
-    channels: int
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "InputSpec":
-        return cls(image_size=int(data["image_size"]), channels=int(data["channels"]),
-                   mean=tuple(float(v) for v in data["mean"]), std=tuple(float(v) for v in data["std"]))
-
-    def to_dict(self) -> dict[str, Any]:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
-
-
-@dataclass(frozen=True)
-class ModelMeta:
-    arch: str
-    options: dict[str, Any]
-    num_classes: int
-    class_names: list[str]
-    input: InputSpec
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"arch": self.arch, "options": dict(self.options), "num_classes": self.num_classes,
-                "class_names": list(self.class_names), "input": self.input.to_dict()}
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "ModelMeta":
-        return cls(arch=data["arch"], options=dict(data.get("options", {})), num_classes=int(data["num_classes"]),
-                   class_names=list(data.get("class_names") or [str(i) for i in range(int(data["num_classes"]))]),
-                   input=InputSpec.from_dict(data["input"]))
 
 
 def save_checkpoint(path: str | Path, model: torch.nn.Module, meta: ModelMeta, **extra: Any) -> None:
@@ -100,21 +62,6 @@ def _safe_torch_load(path: Path, what: str, allow: Sequence[type] = ()) -> Any:
     except Exception as exc:  # pickle errors come in many types; the message is what matters
         raise Kd3Error(f"{path}: not loadable as a plain-weights file: {load_error_reason(exc)}; "
                        "re-save only the state dict (torch.save(model.state_dict(), path))") from None
-
-
-def load_error_reason(exc: BaseException) -> str:
-    """One line from a torch.load failure: the refused class for pickled objects, else the first line."""
-    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))  # torch's message carries terminal bold codes
-    refused = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
-    if refused:
-        return (f"it contains a pickled {refused.group(1)} object, and arbitrary objects are never unpickled "
-                "(torch.load weights_only=True)")
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    if not lines:
-        return type(exc).__name__
-    # "Error(s) in loading state_dict for CLIP:" alone says nothing; the next line names the keys
-    first = f"{lines[0]} {lines[1]}" if lines[0].endswith(":") and len(lines) > 1 else lines[0]
-    return first[:240] + (" …" if len(first) > 240 else "")
 
 
 def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[Kd3Model, ModelMeta, dict[str, Any]]:

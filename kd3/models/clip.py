@@ -44,8 +44,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kd3.errors import Kd3Error
+from kd3.errors import Kd3Error, load_error_reason
 from kd3.models.base import FeatureOutput, Kd3Model
+from kd3.models.spec import InputSpec, ModelMeta
 
 #: default prompts: "a photo of a {}." plus the 7-template ensemble OpenAI selected for ImageNet
 DEFAULT_TEMPLATES: tuple[str, ...] = (
@@ -233,8 +234,6 @@ def create_clip(name: str, pretrained: str | None, device: str | torch.device = 
     try:
         return open_clip.create_model(name, pretrained=pretrained or None, device=device)
     except Exception as exc:  # open_clip raises RuntimeError/OSError/pickle errors; keep one line
-        from kd3.models.checkpoints import load_error_reason
-
         raise Kd3Error(f"open_clip/{name}: could not load pretrained={pretrained!r}: "
                        f"{load_error_reason(exc)}") from None
 
@@ -303,7 +302,6 @@ def build_zeroshot_teacher(name: str, class_names: Sequence[str], templates: Seq
     """
     import open_clip
 
-    from kd3.models.checkpoints import InputSpec, ModelMeta
 
     class_names = [str(c) for c in class_names]
     if not class_names:

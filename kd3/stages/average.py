@@ -20,6 +20,7 @@ import pandas as pd
 import torch
 from torch import nn
 
+from kd3 import layout
 from kd3.config import PipelineConfig
 from kd3.data.images import normalize
 from kd3.data.shards import ShardImages, image_loader, list_shards
@@ -58,30 +59,21 @@ def check(cfg: PipelineConfig, run_dir: Path) -> dict[str, str]:
                        "empty); set averaging.modes (e.g. [wakd, sma]) and retrain with `kd3 train --overwrite`")
     inputs = {cfg.train.output: stage_input_fingerprint(run_dir, cfg.train.output)}
     if cfg.average.bn_recompute:
-        require_complete(run_dir, "score", f"{NAME} (average.bn_recompute)")
-        inputs["score"] = stage_input_fingerprint(run_dir, "score")
+        require_complete(run_dir, layout.SCORE, f"{NAME} (average.bn_recompute)")
+        inputs["score"] = stage_input_fingerprint(run_dir, layout.SCORE)
     return inputs
 
 
 # -------------------------------------------------------------------------------------- BN recompute
-def _training_uids(run_dir: Path, source: Path, train_config: dict[str, Any]) -> list[str]:
-    """The samples the last epoch trained on (KD³) or the training manifest (plain KD), minus the
-    held-out SWAD validation split."""
-    if train_config.get("method") == "kd3":
-        last = sorted((source / "selection").glob("epoch_*.parquet"))
-        if not last:
-            raise Kd3Error(f"{source / 'selection'}: no selection manifest to recompute BN statistics on")
-        frame = pd.read_parquet(last[-1], columns=["uid", "selected"])
-        return frame.loc[frame["selected"], "uid"].tolist()
-    if train_config.get("data") == "all":
-        uids = pd.read_parquet(run_dir / "score" / "teacher_outputs.parquet", columns=["uid"])["uid"]
-    else:
-        manifest = pd.read_parquet(run_dir / "select" / "manifest.parquet", columns=["uid", "selected"])
-        uids = manifest.loc[manifest["selected"], "uid"]
-    held_out = set()
-    if (source / "validation.parquet").exists():
-        held_out = set(pd.read_parquet(source / "validation.parquet", columns=["uid"])["uid"])
-    return [u for u in uids if u not in held_out]
+def _training_uids(source: Path) -> list[str]:
+    """The samples the last epoch trained on (its selection manifest; held-out SWAD validation
+    samples are never selected)."""
+    selection = layout.selection_dir(source)
+    epochs = sorted(selection.glob("epoch_*.parquet"))
+    if not epochs:
+        raise Kd3Error(f"{selection}: no selection manifest to recompute BN statistics on")
+    frame = pd.read_parquet(epochs[-1], columns=["uid", "selected"])
+    return frame.loc[frame["selected"], "uid"].tolist()
 
 
 @torch.no_grad()
@@ -117,20 +109,17 @@ def run(cfg: PipelineConfig, out: StageDir) -> dict[str, Any]:
     device = configure(cfg.run)
     run_dir = out.run_dir
     source = run_dir / cfg.train.output
-    payload = read_checkpoint(source / "last.pt")
+    last = source / layout.LAST_CHECKPOINT
+    payload = read_checkpoint(last)
     trainer = payload.get("trainer") or {}
     if trainer.get("averaging") is None:
-        raise Kd3Error(f"{source / 'last.pt'}: no averaging state in the trainer state; retrain with averaging.modes set")
-    a = trainer["config"]["averaging"]
-    averages = TrainingAverages(trainer["averaging"]["modes"], start_fraction=a["start_fraction"],
-                                sma_start_step=a["sma_start_step"], every=a["every"],
-                                swad_eval_every=a["swad_eval_every"], swad_n_converge=a["swad_n_converge"],
-                                swad_n_tolerance=a["swad_n_tolerance"], swad_tolerance_ratio=a["swad_tolerance_ratio"])
+        raise Kd3Error(f"{last}: no averaging state in the trainer state; retrain with averaging.modes set")
+    averages = TrainingAverages.from_config(trainer["config"]["averaging"], modes=trainer["averaging"]["modes"])
     averages.load_state_dict(trainer["averaging"])
     finals = averages.final_states()
     missing = [m for m in averages.modes if m not in finals]
     if missing:
-        raise Kd3Error(f"{source / 'last.pt'}: no iterate was averaged for {', '.join(missing)} in "
+        raise Kd3Error(f"{last}: no iterate was averaged for {', '.join(missing)} in "
                        f"{trainer.get('global_step', '?')} steps (start too late?); lower averaging.start_fraction / "
                        "averaging.sma_start_step and retrain")
     meta = ModelMeta.from_dict(payload["model"])
@@ -138,20 +127,20 @@ def run(cfg: PipelineConfig, out: StageDir) -> dict[str, Any]:
     shards: list[Path] = []
     if cfg.average.bn_recompute:
         train_config = read_meta(source)["config"]["train"]
-        uids = _training_uids(run_dir, source, train_config)
+        uids = _training_uids(source)
         bn_rows = {uid: i for i, uid in enumerate(uids)}
-        shards = list_shards(run_dir / "download")
+        shards = list_shards(run_dir / layout.DOWNLOAD)
         batch_size = int(train_config.get("batch_size", 128))
     described: dict[str, Any] = {}
     for mode, (state, info) in finals.items():
         model = build_model(meta.arch, meta.num_classes, meta.input.channels, meta.options)
-        load_state_dict_strict(model, state, f"{source / 'last.pt'} ({mode} average)")
+        load_state_dict_strict(model, state, f"{last} ({mode} average)")
         model.to(device)
         if bn_rows is not None:
             info["bn_recomputed_on"] = recompute_bn(model, meta.input, shards, bn_rows, batch_size,
                                                     cfg.average.bn_max_batches, device)
         path = out.path / f"{mode}.pt"
-        save_checkpoint(path, model, meta, averaged={"mode": mode, "source": str(source / "last.pt"), **info})
+        save_checkpoint(path, model, meta, averaged={"mode": mode, "source": str(last), **info})
         described[mode] = info
         if mode == "swad" and info.get("fallback"):
             print(f"[{NAME}] warning: SWAD found {info['fallback']} (validation losses: "
@@ -159,7 +148,7 @@ def run(cfg: PipelineConfig, out: StageDir) -> dict[str, Any]:
         window = (f", window segments {info['window'][0]}–{info['window'][1]} (steps {info['steps'][0]}–"
                   f"{info['steps'][1]})" if info.get("window") else "")
         print(f"[{NAME}] {mode}: average of {info['n_averaged']} iterates{window} -> {path}")
-    return {"source": str(source / "last.pt"), "steps": trainer.get("global_step"),
+    return {"source": str(last), "steps": trainer.get("global_step"),
             "n_averaged": {m: i["n_averaged"] for m, i in described.items()},
             "swad_window": described.get("swad", {}).get("window"),
             "swad_steps": described.get("swad", {}).get("steps"),

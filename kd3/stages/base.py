@@ -1,7 +1,7 @@
 """The contract every stage follows, and the one function that runs a stage under it.
 
 A stage module defines ``NAME``, ``SUMMARY``, ``SECTIONS`` (config sections its output depends
-on), ``check(cfg, run_dir)`` (validate inputs before any work; returns input fingerprints) and
+on; or ``sections(cfg)`` when they depend on the config, e.g. the training objective's own section), ``check(cfg, run_dir)`` (validate inputs before any work; returns input fingerprints) and
 ``run(cfg, out: StageDir) -> dict`` (does the work, returns counts for meta.json). A stage whose
 output folder name is configurable also defines ``output_name(cfg)``. A stage whose result is one
 file (a report) returns its path as ``counts["output"]``; it is printed as the last line.
@@ -27,9 +27,10 @@ def execute(stage: ModuleType, cfg: PipelineConfig, run_dir: Path, mode: Mode,
     if dry_run:
         print(f"[{stage.NAME}] dry run: config and inputs valid; would write {run_dir / folder}")
         return {}
-    config = {name: cfg.section(name) for name in stage.SECTIONS}
+    names = stage.sections(cfg) if hasattr(stage, "sections") else stage.SECTIONS
+    config = {name: cfg.section(name) for name in names}
     config["run"] = cfg.section("run")
-    out = open_stage(run_dir, folder, config, cfg.fingerprint(*stage.SECTIONS), inputs, mode, argv)
+    out = open_stage(run_dir, folder, config, cfg.fingerprint(*names), inputs, mode, argv)
     if out.up_to_date:
         print(f"[{stage.NAME}] up to date in {out.path} (finished {out.meta.get('finished_at')}); "
               "pass --overwrite to redo it")

@@ -14,8 +14,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
 
+from kd3 import layout
 from kd3.config import PipelineConfig, require_file, resolve_path
 from kd3.data.demo import PORT_PLACEHOLDER
 from kd3.data.loopback import serve_directory
@@ -80,7 +80,7 @@ def _download(cfg: PipelineConfig, resolved: Path, out_dir: Path, extra_columns:
 def run(cfg: PipelineConfig, out: StageDir) -> dict[str, Any]:
     run_dir = out.run_dir
     urls = read_url_list(_url_list_path(cfg))
-    with atomic_path(out.path / "url_list.parquet") as tmp:
+    with atomic_path(out.path / layout.URL_LIST) as tmp:
         urls.to_parquet(tmp, index=False)
     templated = urls["url"].str.contains(PORT_PLACEHOLDER, regex=False).any()
     serve_root = cfg.download.serve_root

@@ -15,7 +15,6 @@ diagram per model). The comparison table is printed.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import re
 from pathlib import Path
@@ -24,14 +23,15 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
+from kd3 import layout
 from kd3.config import PipelineConfig, require_file, resolve_path
-from kd3.data import eval_sets
-from kd3.data.images import normalize, prepare_uint8
+from kd3.data import eval_sets, subsets
+from kd3.data.score_cache import load_teacher_outputs
 from kd3.data.shards import list_shards
 from kd3.errors import ConfigError, Kd3Error
-from kd3.inference import pool_logits
+from kd3.inference import batch_logits, pool_logits
 from kd3.methods.fidelity import fidelity_report, per_class_accuracy, reliability_bins
-from kd3.models import InputSpec, load_model, read_checkpoint
+from kd3.models import load_model, read_checkpoint
 from kd3.runs import StageDir, atomic_path, atomic_write_json, atomic_write_text, file_fingerprint, read_meta
 from kd3.runs import stage_input_fingerprint
 
@@ -52,7 +52,7 @@ def _checkpoints(cfg: PipelineConfig, run_dir: Path) -> dict[str, Path]:
 
 def _uses_pool(cfg: PipelineConfig, run_dir: Path) -> bool:
     """Distillation-data metrics need a finished score stage in this run (else they are skipped)."""
-    meta = read_meta(run_dir / "score")
+    meta = read_meta(run_dir / layout.SCORE)
     return cfg.evaluate.distillation_samples != 0 and meta is not None and meta.get("status") == "complete"
 
 
@@ -75,20 +75,8 @@ def check(cfg: PipelineConfig, run_dir: Path) -> dict[str, str]:
         except Kd3Error as exc:
             raise ConfigError(f"{cfg.source}: evaluate.datasets.{d.name}: {exc}") from None
     if _uses_pool(cfg, run_dir):
-        inputs["score"] = stage_input_fingerprint(run_dir, "score")
+        inputs["score"] = stage_input_fingerprint(run_dir, layout.SCORE)
     return inputs
-
-
-# ------------------------------------------------------------------------------------------ forward
-@torch.no_grad()
-def batch_logits(model: torch.nn.Module, spec: InputSpec, images: eval_sets.Images,
-                 device: torch.device) -> torch.Tensor:
-    """Logits [B, K] for a uint8 batch [B, C, H, W] or a list of uint8 [C, H, W] of any sizes."""
-    if isinstance(images, torch.Tensor):
-        batch = prepare_uint8(images, spec)
-    else:
-        batch = torch.stack([prepare_uint8(image, spec) for image in images])
-    return model(normalize(batch.to(device), spec)).float().cpu()
 
 
 def _json_float(value: float) -> Optional[float]:
@@ -105,14 +93,6 @@ def _row(dataset: str, model: str, logits: torch.Tensor, labels: torch.Tensor, c
             "reliability": {"confidence": [_json_float(v) for v in bins["confidence"].tolist()],
                             "accuracy": [_json_float(v) for v in bins["accuracy"].tolist()],
                             "count": [int(v) for v in bins["count"].tolist()]}}
-
-
-def pool_sample(uids: list[str], n: Optional[int]) -> list[int]:
-    """Rows of the distillation-data sample: the n with the smallest SHA-256("kd3-eval:" + uid)."""
-    if n is None or n >= len(uids):
-        return list(range(len(uids)))
-    keys = [hashlib.sha256(f"kd3-eval:{uid}".encode()).hexdigest() for uid in uids]
-    return sorted(np.argsort(np.array(keys), kind="stable")[:n].tolist())
 
 
 # ------------------------------------------------------------------------------------------- output
@@ -250,13 +230,13 @@ def run(cfg: PipelineConfig, out: StageDir) -> dict[str, Any]:
     distillation: list[dict[str, Any]] = []
     if e.distillation_samples != 0 and e.students:
         if _uses_pool(cfg, run_dir):
-            from kd3.stages.score import load_teacher_outputs
-
             scores = load_teacher_outputs(run_dir)
-            chosen = pool_sample(list(scores.frame["uid"]), e.distillation_samples)
+            uids = list(scores.frame["uid"])
+            n = len(uids) if e.distillation_samples is None else min(e.distillation_samples, len(uids))
+            chosen = subsets.uid_hash_rows(uids, n, subsets.DISTILLATION_SAMPLE).tolist()
             uid_to_row = {scores.frame["uid"].iloc[r]: i for i, r in enumerate(chosen)}
             z_t = scores.logits[torch.tensor(chosen, dtype=torch.long)]
-            shards = list_shards(run_dir / "download")
+            shards = list_shards(run_dir / layout.DOWNLOAD)
             for name in e.students:
                 model, meta = models[name]
                 z_s = pool_logits(model, meta.input, meta.num_classes, shards, uid_to_row, e.batch_size, 0, device)

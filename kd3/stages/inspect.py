@@ -13,6 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from kd3 import layout
 from kd3.config import PipelineConfig
 from kd3.inspect.manifests import SELECT_MANIFEST, TRAIN_DIR, find_manifests, listing_fingerprint
 from kd3.inspect.report import build_report
@@ -29,15 +30,15 @@ def _train_name(cfg: PipelineConfig) -> str:
 
 
 def check(cfg: PipelineConfig, run_dir: Path) -> dict[str, str]:
-    require_complete(run_dir, "score", NAME)
+    require_complete(run_dir, layout.SCORE, NAME)
     refs = find_manifests(run_dir, _train_name(cfg))  # raises with the stages to run when there is none
-    inputs = {"score": stage_input_fingerprint(run_dir, "score")}
+    inputs = {"score": stage_input_fingerprint(run_dir, layout.SCORE)}
     if (run_dir / SELECT_MANIFEST).is_file():
         inputs["select"] = listing_fingerprint([run_dir / SELECT_MANIFEST])
     epochs = [r.path for r in refs if r.epoch is not None]
     if epochs:
         # the listing, not the train meta.json: a running train stage adds epochs before its meta changes
-        metrics = run_dir / _train_name(cfg) / "metrics.jsonl"
+        metrics = run_dir / _train_name(cfg) / layout.METRICS
         inputs["train.selection"] = listing_fingerprint(epochs + ([metrics] if metrics.is_file() else []))
     if (run_dir / "download" / META_NAME).is_file():
         inputs["download"] = stage_input_fingerprint(run_dir, "download")

@@ -8,7 +8,6 @@ Resumable per shard: finished shards are kept in ``parts/`` until the final file
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +18,10 @@ import pyarrow.parquet as pq
 import torch
 from tqdm import tqdm
 
+from kd3 import layout
 from kd3.config import PipelineConfig, require_file, resolve_path
 from kd3.data.images import normalize
+from kd3.data.score_cache import fixed_list
 from kd3.data.shards import ShardImages, image_loader, list_shards, read_download_index
 from kd3.errors import Kd3Error
 from kd3.models import ModelMeta, load_model
@@ -30,19 +31,13 @@ from kd3.runtime import configure
 NAME = "score"
 SUMMARY = "teacher logits + pooled features for every downloaded sample, cached by uid"
 SECTIONS = ("score",)
-OUTPUT = "teacher_outputs.parquet"
 
 
 def check(cfg: PipelineConfig, run_dir: Path) -> dict[str, str]:
-    require_complete(run_dir, "download", NAME)
+    require_complete(run_dir, layout.DOWNLOAD, NAME)
     teacher = require_file(cfg, "score.teacher", resolve_path(cfg.score.teacher, run_dir),
                            "run `kd3 demo-data` or point score.teacher at a kd3 teacher checkpoint")
-    return {"download": stage_input_fingerprint(run_dir, "download"), "teacher": file_fingerprint(teacher)}
-
-
-def _fixed_list(values: np.ndarray) -> pa.Array:
-    values = np.ascontiguousarray(values, dtype=np.float32)
-    return pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), values.shape[1])
+    return {"download": stage_input_fingerprint(run_dir, layout.DOWNLOAD), "teacher": file_fingerprint(teacher)}
 
 
 @torch.no_grad()
@@ -61,7 +56,7 @@ def teacher_pass(model, meta: ModelMeta, shard: Path, batch_size: int, num_worke
     logits_t, features_t = torch.cat(logits), torch.cat(features)
     conf, label = logits_t.softmax(1).max(1)
     return pa.table({"uid": uids, "teacher_label": label.numpy().astype(np.int16), "teacher_conf": conf.numpy(),
-                     "logits": _fixed_list(logits_t.numpy()), "feature": _fixed_list(features_t.numpy())})
+                     "logits": fixed_list(logits_t.numpy()), "feature": fixed_list(features_t.numpy())})
 
 
 def run(cfg: PipelineConfig, out: StageDir) -> dict[str, Any]:
@@ -69,7 +64,7 @@ def run(cfg: PipelineConfig, out: StageDir) -> dict[str, Any]:
     run_dir = out.run_dir
     model, meta, _ = load_model(resolve_path(cfg.score.teacher, run_dir), device)
     out.write_meta(teacher=meta.to_dict())
-    shards = list_shards(run_dir / "download")
+    shards = list_shards(run_dir / layout.DOWNLOAD)
     parts = out.path / "parts"
     parts.mkdir(exist_ok=True)
     for shard in tqdm(shards, desc=f"[{NAME}] teacher over shards", unit="shard", disable=None):
@@ -84,16 +79,16 @@ def run(cfg: PipelineConfig, out: StageDir) -> dict[str, Any]:
     if not tables:
         raise Kd3Error(f"no decodable images in {run_dir / 'download' / 'shards'}; nothing to score")
     scored = pa.concat_tables(tables).to_pandas()
-    index = read_download_index(run_dir / "download", columns=["uid", "url", "key", "status"])
+    index = read_download_index(run_dir / layout.DOWNLOAD, columns=["uid", "url", "key", "status"])
     index = index[index["status"] == "success"].drop(columns="status")
-    urls = pd.read_parquet(run_dir / "download" / "url_list.parquet", columns=["uid", "url"])
+    urls = pd.read_parquet(run_dir / layout.DOWNLOAD / layout.URL_LIST, columns=["uid", "url"])
     index["url"] = index["uid"].map(dict(zip(urls["uid"], urls["url"])))
     merged = index.merge(scored, on="uid", how="inner", validate="one_to_one")
     # rows in (shard, key) order: the cache, and every per-row index built on it, is then the same
     # for two downloads of the same URL list
     merged = merged.sort_values(["shard", "key"], kind="stable").reset_index(drop=True)
     columns = ["uid", "url", "shard", "key", "teacher_label", "teacher_conf", "logits", "feature"]
-    with atomic_path(out.path / OUTPUT) as tmp:
+    with atomic_path(out.path / layout.SCORE_CACHE) as tmp:
         merged[columns].to_parquet(tmp, index=False)
     for part in parts.glob("*.parquet"):
         part.unlink()
@@ -103,34 +98,3 @@ def run(cfg: PipelineConfig, out: StageDir) -> dict[str, Any]:
     return {"scored": len(merged), "downloaded_ok": len(index), "undecodable": len(index) - len(merged),
             "num_classes": meta.num_classes, "feature_dim": int(len(merged["feature"].iloc[0])),
             "teacher_label_counts": {meta.class_names[int(k)]: int(v) for k, v in per_class.items()}}
-
-
-@dataclass
-class TeacherOutputs:
-    """The score cache in memory: row i of ``logits``/``features`` belongs to ``frame.uid[i]``."""
-
-    frame: pd.DataFrame  # uid, url, shard, key, teacher_label, teacher_conf
-    logits: torch.Tensor  # [N, K] float32
-    features: torch.Tensor  # [N, D] float32
-    teacher: ModelMeta
-
-    @property
-    def uid_to_row(self) -> dict[str, int]:
-        return {uid: i for i, uid in enumerate(self.frame["uid"])}
-
-
-def _stack_list_column(table: pa.Table, name: str) -> torch.Tensor:
-    column = table.column(name).combine_chunks()
-    values = column.flatten().to_numpy(zero_copy_only=False)
-    width = len(values) // max(len(column), 1)
-    if width * len(column) != len(values):
-        raise Kd3Error(f"score cache column {name!r} has rows of different lengths; rerun `kd3 score --overwrite`")
-    return torch.from_numpy(values.astype("float32", copy=True).reshape(len(column), width))
-
-
-def load_teacher_outputs(run_dir: Path) -> TeacherOutputs:
-    meta = require_complete(Path(run_dir), NAME, "this stage")
-    table = pq.read_table(Path(run_dir) / NAME / OUTPUT)
-    frame = table.drop_columns(["logits", "feature"]).to_pandas()
-    return TeacherOutputs(frame=frame, logits=_stack_list_column(table, "logits"),
-                          features=_stack_list_column(table, "feature"), teacher=ModelMeta.from_dict(meta["teacher"]))

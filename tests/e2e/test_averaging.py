@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import torch
 
-import kd3.stages.train as train_stage
+import kd3.training.build as train_build
 from kd3.cli import main
 from kd3.models import load_model, load_student
 from tests.conftest import DEMO_CONFIG
@@ -18,7 +18,7 @@ from tests.conftest import DEMO_CONFIG
 pytestmark = pytest.mark.slow
 # plain KD on the whole pool (minus SWAD's held-out split): 114 samples, 4 steps per epoch, 12 steps;
 # WAKD from step floor(0.25·12) = 3 and SMA from step 2, both every 2 steps; SWAD segments of 2 steps
-AVERAGING = ["train.method=kd", "train.data=all", "train.epochs=3", "averaging.modes=[wakd,sma,swad]",
+AVERAGING = ["train.objective=kd", "train.selector=all", "train.epochs=3", "averaging.modes=[wakd,sma,swad]",
              "averaging.start_fraction=0.25", "averaging.sma_start_step=2", "averaging.every=2",
              "averaging.swad_eval_every=2", "averaging.swad_n_converge=2", "averaging.swad_n_tolerance=2"]
 
@@ -38,11 +38,12 @@ def test_averaged_weights_are_the_mean_of_the_training_iterates(toy_run, tmp_pat
     overrides = upstream_copy(toy_run, tmp_path)
     iterates: list[dict[str, torch.Tensor]] = []
     built = {}
-    real_build = train_stage._build
+    real_build = train_build.build_objective
 
     def build(*args, **kwargs):
-        built["student"], *rest = real_build(*args, **kwargs)
-        return (built["student"], *rest)
+        result = real_build(*args, **kwargs)
+        built["student"] = result.student
+        return result
 
     class RecordingSGD(torch.optim.SGD):
         def step(self, closure=None):
@@ -50,7 +51,7 @@ def test_averaged_weights_are_the_mean_of_the_training_iterates(toy_run, tmp_pat
             iterates.append({k: v.detach().clone() for k, v in built["student"].state_dict().items()})
             return result
 
-    monkeypatch.setattr(train_stage, "_build", build)
+    monkeypatch.setattr(train_build, "build_objective", build)
     monkeypatch.setattr(torch.optim, "SGD", RecordingSGD)
     assert stage("train", tmp_path, overrides) == 0
     assert stage("average", tmp_path, overrides) == 0
@@ -150,7 +151,7 @@ def test_bn_recompute_re_estimates_statistics_on_the_training_data(toy_run, tmp_
 def test_nd_loss_is_a_logged_term_with_a_checkpointed_head(toy_run, tmp_path, method):
     overrides = upstream_copy(toy_run, tmp_path)
     assert main(["train", "--config", str(DEMO_CONFIG), "--run-dir", str(tmp_path), *overrides,
-                 f"train.method={method}", "train.epochs=1", "train.extra_losses=[nd]", "train.nd_weight=0.5",
+                 f"train.objective={method}", "train.epochs=1", "train.extra_losses=[nd]", "train.nd_weight=0.5",
                  "averaging.modes=[]"]) == 0
     record = json.loads((tmp_path / "train" / "metrics.jsonl").read_text().splitlines()[-1])
     assert 0 < record["loss_nd"] <= 0.5 * 2  # λ·L_ND, and L_ND = 1 − cos·ratio ≤ 2

@@ -9,12 +9,12 @@ import pandas as pd
 import pytest
 import torch
 
-import kd3.stages.train as train_stage
+import kd3.training.objectives as objectives_module
 from kd3.cli import main
 from tests.conftest import DEMO_CONFIG
 
 pytestmark = pytest.mark.slow
-KD3 = ["train.method=kd3", "train.epochs=3", "kd3.tau=0.5"]
+KD3 = ["train.objective=kd3", "train.selector=kd3_dynamic", "train.epochs=3", "selectors.kd3_dynamic.threshold=0.5"]
 
 
 def upstream_copy(toy_run, dest):
@@ -57,7 +57,7 @@ def test_kd3_writes_a_selection_manifest_per_epoch_and_a_deployable_student(toy_
 def test_selection_uses_cached_teacher_logits_never_a_teacher_pass_over_the_pool(toy_run, tmp_path, monkeypatch):
     overrides = upstream_copy(toy_run, tmp_path)
     seen = {"teacher_images": 0}
-    real_load = train_stage.load_model
+    real_load = objectives_module.load_model
 
     def counting_load(path, device="cpu"):
         model, meta, payload = real_load(path, device)
@@ -71,7 +71,7 @@ def test_selection_uses_cached_teacher_logits_never_a_teacher_pass_over_the_pool
         model.forward = lambda x: (_ for _ in ()).throw(AssertionError("teacher logits must come from the cache"))
         return model, meta, payload
 
-    monkeypatch.setattr(train_stage, "load_model", counting_load)
+    monkeypatch.setattr(objectives_module, "load_model", counting_load)
     assert train(tmp_path, overrides, "kd3.teacher_contrastive=off") == 0
     metrics = [json.loads(line) for line in (tmp_path / "train" / "metrics.jsonl").read_text().splitlines()]
     # the teacher ran only on the images trained on (for its feature maps), never over the whole pool
@@ -82,9 +82,9 @@ def test_plain_kd_train_does_not_even_load_the_teacher(toy_run, tmp_path, monkey
     run_dir, overrides = toy_run
     for stage in ("demo-data", "download", "score", "select"):
         shutil.copytree(run_dir / stage, tmp_path / stage)
-    monkeypatch.setattr(train_stage, "load_model", lambda *a, **k: pytest.fail("teacher loaded"))
+    monkeypatch.setattr(objectives_module, "load_model", lambda *a, **k: pytest.fail("teacher loaded"))
     assert main(["train", "--config", str(DEMO_CONFIG), "--run-dir", str(tmp_path), *overrides,
-                 "train.method=kd", "train.epochs=1"]) == 0
+                 "train.objective=kd", "train.selector=teacher_confidence", "train.epochs=1"]) == 0
 
 
 def test_resume_after_a_kill_reproduces_the_uninterrupted_selections_and_weights(toy_run, tmp_path):
@@ -118,10 +118,11 @@ def test_standalone_select_applies_the_dynamic_rule_with_a_student_and_alpha(toy
     run_dir, overrides = toy_run
     for stage in ("demo-data", "download", "score", "train"):
         shutil.copytree(run_dir / stage, tmp_path / stage)
-    base = ["select", "--config", str(DEMO_CONFIG), "--run-dir", str(tmp_path), *overrides, "select.rule=dynamic"]
-    assert main([*base, "select.alpha=0.5"]) == 2
+    base = ["select", "--config", str(DEMO_CONFIG), "--run-dir", str(tmp_path), *overrides,
+            "select.selector=kd3_dynamic"]
+    assert main([*base, "selectors.kd3_dynamic.alpha=0.5"]) == 2
     assert "select.student" in capsys.readouterr().err
-    assert main([*base, "select.alpha=0.5", "select.student={run}/train/last.pt"]) == 0
+    assert main([*base, "selectors.kd3_dynamic.alpha=0.5", "select.student={run}/train/last.pt"]) == 0
     manifest = pd.read_parquet(tmp_path / "select" / "manifest.parquet")
     per_epoch = pd.read_parquet(tmp_path / "train" / "selection" / "epoch_001.parquet")
     assert set(per_epoch.columns) <= set(manifest.columns)

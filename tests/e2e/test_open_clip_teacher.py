@@ -27,13 +27,13 @@ def test_open_clip_zero_shot_teacher_into_a_small_cnn_student(toy_run, tmp_path)
     common = ["--config", str(DEMO_CONFIG), "--run-dir", str(tmp_path), *overrides, f"score.teacher={teacher}",
               f"evaluate.teacher={teacher}", "train.epochs=1", "train.student_input.channels=1",
               "train.student_input.image_size=16", "train.student_input.mean=[0.2]", "train.student_input.std=[0.3]",
-              "kd3.selection=teacher", "kd3.tau=0.1"]
+              "selectors.kd3_dynamic.alpha=1", "selectors.kd3_dynamic.threshold=0.1"]
     private = run_dir / "demo-data" / "private_test.npz"
     assert main(["score", *common]) == 0
     score_meta = json.loads((tmp_path / "score" / "meta.json").read_text())
     assert score_meta["teacher"]["input"]["channels"] == 3 and score_meta["teacher"]["input"]["image_size"] == 64
     assert main(["train", *common]) == 0
-    assert main(["train", *common, "train.method=kd", "train.data=all", "train.output=train-kd"]) == 0
+    assert main(["train", *common, "train.objective=kd", "train.selector=all", "train.output=train-kd"]) == 0
     assert main(["average", *common]) == 0
     assert main(["evaluate", *common, f"evaluate.datasets=[{{name: private_test, path: {private}}}]"]) == 0
     report = json.loads((tmp_path / "evaluate" / "report.json").read_text())

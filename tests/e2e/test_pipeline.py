@@ -90,8 +90,8 @@ def test_rerun_refuses_then_resume_reuses(toy_run, capsys):
     assert "pass --resume" in capsys.readouterr().err
     assert main([*args, "--resume"]) == 0
     assert "up to date" in capsys.readouterr().out
-    assert main([*args, "--resume", "select.threshold=0.5"]) == 2
-    assert "select.threshold" in capsys.readouterr().err
+    assert main([*args, "--resume", "selectors.teacher_confidence.threshold=0.5"]) == 2
+    assert "selectors.teacher_confidence.threshold" in capsys.readouterr().err
 
 
 def test_train_resume_continues_after_last_epoch(toy_run, tmp_path):
@@ -101,7 +101,8 @@ def test_train_resume_continues_after_last_epoch(toy_run, tmp_path):
     run_dir, overrides = toy_run
     for stage in ("demo-data", "download", "score", "select"):
         shutil.copytree(run_dir / stage, tmp_path / stage)
-    args = ["train", "--config", str(DEMO_CONFIG), "--run-dir", str(tmp_path), *overrides, "train.method=kd"]
+    args = ["train", "--config", str(DEMO_CONFIG), "--run-dir", str(tmp_path), *overrides, "train.objective=kd",
+            "train.selector=teacher_confidence"]
     assert main(args) == 0
     full = torch.load(tmp_path / "train" / "last.pt", weights_only=True)["state_dict"]
     # rewind: keep epoch 0's checkpoint as last.pt and mark the stage unfinished

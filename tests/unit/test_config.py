@@ -66,8 +66,9 @@ def test_invalid_yaml_reports_line(tmp_path):
 
 
 def test_overrides_are_yaml_typed_and_validated():
-    cfg = load_config(DEMO, ["train.epochs=3", "run.device=cpu", "select.per_class_cap=50"])
-    assert cfg.train.epochs == 3 and cfg.run.device == "cpu" and cfg.select.per_class_cap == 50
+    cfg = load_config(DEMO, ["train.epochs=3", "run.device=cpu", "selectors.teacher_confidence.per_class_cap=50"])
+    assert cfg.train.epochs == 3 and cfg.run.device == "cpu"
+    assert cfg.selector_params("teacher_confidence").per_class_cap == 50
     with pytest.raises(ConfigError, match=r"with overrides train\.epochs=-1.*train\.epochs"):
         load_config(DEMO, ["train.epochs=-1"])
     with pytest.raises(ConfigError, match="expected key=value"):

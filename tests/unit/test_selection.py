@@ -57,16 +57,16 @@ def test_alpha_schedule_invalid_inputs_name_value_and_choices():
 
 
 def _counts_420():
-    """Pseudo-labels/confidences (float64) with n = [4, 2, 0] at tau = 0.95."""
+    """Pseudo-labels/confidences (float64) with n = [4, 2, 0] at threshold = 0.95."""
     labels = torch.tensor([0, 0, 0, 0, 1, 1, 2, 1, 0])
-    # the last one equals tau exactly and must not count (strict c > tau)
+    # the last one equals threshold exactly and must not count (strict c > threshold)
     conf = torch.tensor([0.99, 0.96, 0.97, 0.951, 0.99, 0.98, 0.5, 0.3, 0.95], dtype=torch.float64)
     return labels, conf
 
 
 def test_class_thresholds_golden():
     labels, conf = _counts_420()
-    thresholds, counts = class_thresholds(labels, conf, num_classes=3, tau=0.95)
+    thresholds, counts = class_thresholds(labels, conf, num_classes=3, threshold=0.95)
     assert counts.tolist() == [4, 2, 0]
     # beta = [1, 0.5, 0]; tau_k = 0.95 * beta / (2 - beta)
     assert thresholds.tolist() == pytest.approx([0.95, 0.95 * 0.5 / 1.5, 0.0], abs=1e-12)
@@ -76,7 +76,7 @@ def test_class_thresholds_golden():
 def test_class_thresholds_beta_one_third():
     labels = torch.tensor([0, 0, 0, 1])
     conf = torch.tensor([0.99, 0.99, 0.99, 0.99])
-    thresholds, counts = class_thresholds(labels, conf, num_classes=2, tau=0.95)
+    thresholds, counts = class_thresholds(labels, conf, num_classes=2, threshold=0.95)
     assert counts.tolist() == [3, 1]
     # beta = 1/3 -> 0.95 * (1/3) / (5/3) = 0.19
     assert thresholds.tolist() == pytest.approx([0.95, 0.19], abs=1e-6)
@@ -85,17 +85,17 @@ def test_class_thresholds_beta_one_third():
 def test_class_thresholds_all_zero_counts_give_tau():
     labels = torch.tensor([0, 1, 2, 2])
     conf = torch.tensor([0.5, 0.9, 0.94, 0.2])
-    thresholds, counts = class_thresholds(labels, conf, num_classes=4, tau=0.9)
-    # 0.94 > 0.9 -> class 2 has one; redo with tau above every confidence
+    thresholds, counts = class_thresholds(labels, conf, num_classes=4, threshold=0.9)
+    # 0.94 > 0.9 -> class 2 has one; redo with threshold above every confidence
     assert counts.tolist() == [0, 0, 1, 0]
-    thresholds, counts = class_thresholds(labels, conf, num_classes=4, tau=0.95)
+    thresholds, counts = class_thresholds(labels, conf, num_classes=4, threshold=0.95)
     assert counts.tolist() == [0, 0, 0, 0]
     assert thresholds.tolist() == pytest.approx([0.95] * 4)
 
 
 def test_class_thresholds_floor():
     labels, conf = _counts_420()
-    thresholds, _ = class_thresholds(labels, conf, num_classes=3, tau=0.95, threshold_floor=0.5)
+    thresholds, _ = class_thresholds(labels, conf, num_classes=3, threshold=0.95, threshold_floor=0.5)
     assert thresholds.tolist() == pytest.approx([0.95, 0.5, 0.5], abs=1e-12)
 
 
@@ -104,8 +104,8 @@ def test_class_thresholds_rejects_bad_input():
         class_thresholds(torch.tensor([0, 3]), torch.tensor([0.9, 0.9]), num_classes=3)
     with pytest.raises(ValueError, match="equal length"):
         class_thresholds(torch.tensor([0, 1]), torch.tensor([0.9]), num_classes=3)
-    with pytest.raises(ValueError, match="tau"):
-        class_thresholds(torch.tensor([0]), torch.tensor([0.9]), num_classes=3, tau=1.5)
+    with pytest.raises(ValueError, match="threshold"):
+        class_thresholds(torch.tensor([0]), torch.tensor([0.9]), num_classes=3, threshold=1.5)
 
 
 # ----------------------------------------------------------------------------- select_dynamic
@@ -121,7 +121,7 @@ TEACHER = torch.tensor([[9., 0., -2.], [8., -2., 0.], [0., 8., 0.], [-2., 4., -2
 
 
 def test_select_dynamic_golden_6x3():
-    res = select_dynamic(TEACHER, STUDENT, alpha=0.5, tau=0.95)
+    res = select_dynamic(TEACHER, STUDENT, alpha=0.5, threshold=0.95)
     assert res.mask.tolist() == [True, True, True, True, True, False]
     assert res.labels.tolist() == [0, 0, 1, 1, 2, 0]
     e = math.exp
@@ -139,7 +139,7 @@ def test_select_dynamic_golden_6x3():
 
 def test_select_dynamic_floor_guards_empty_class():
     # with floor 0.6 class 2 (tau_k 0 -> 0.6) loses row 4 (c = 0.576)
-    res = select_dynamic(TEACHER, STUDENT, alpha=0.5, tau=0.95, threshold_floor=0.6)
+    res = select_dynamic(TEACHER, STUDENT, alpha=0.5, threshold=0.95, threshold_floor=0.6)
     assert res.mask.tolist() == [True, True, True, True, False, False]
     assert res.dominant_class == 0
     res = select_dynamic(TEACHER, STUDENT, alpha=0.5, dominance_fraction=0.7)
@@ -250,7 +250,7 @@ def test_select_by_teacher_confidence_is_non_strict_and_falls_back():
 
 
 def test_select_dynamic_threshold_is_strict():
-    # c = 1/2 exactly; tau = 0.5: not confident (n = 0 -> tau_k = 0.5) and 0.5 > 0.5 fails -> fallback
-    res = select_dynamic(torch.zeros(2, 2), None, alpha=1.0, tau=0.5)
+    # c = 1/2 exactly; threshold = 0.5: not confident (n = 0 -> tau_k = 0.5) and 0.5 > 0.5 fails -> fallback
+    res = select_dynamic(torch.zeros(2, 2), None, alpha=1.0, threshold=0.5)
     assert res.thresholds.tolist() == [0.5, 0.5]
     assert res.fallback_used is True and res.mask.tolist() == [True, False]

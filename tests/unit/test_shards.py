@@ -1,6 +1,5 @@
 """Shard canonicalisation: sample order depends on content, not on download completion order."""
 
-import io
 import json
 import tarfile
 

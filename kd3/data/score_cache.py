@@ -1,0 +1,60 @@
+"""The score stage's cache (teacher logits + pooled features per pool sample), read by every later stage.
+
+``RUN/score/teacher_outputs.parquet``: uid, url, shard, key, teacher_label, teacher_conf, logits
+[K], feature [D], in (shard, key) order; ``RUN/score/meta.json`` holds the teacher's metadata.
+Later stages index it by row (``uid_to_row``), so row order is part of the format.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from kd3 import layout
+from kd3.errors import Kd3Error
+from kd3.models.spec import ModelMeta
+from kd3.runs import require_complete
+
+
+@dataclass
+class TeacherOutputs:
+    """The score cache in memory: row i of ``logits``/``features`` belongs to ``frame.uid[i]``."""
+
+    frame: pd.DataFrame  # uid, url, shard, key, teacher_label, teacher_conf
+    logits: torch.Tensor  # [N, K] float32
+    features: torch.Tensor  # [N, D] float32
+    teacher: ModelMeta
+
+    @property
+    def uid_to_row(self) -> dict[str, int]:
+        return {uid: i for i, uid in enumerate(self.frame["uid"])}
+
+
+def fixed_list(values: np.ndarray) -> pa.Array:
+    """[N, D] float array → an arrow fixed-size-list column (how logits and features are stored)."""
+    values = np.ascontiguousarray(values, dtype=np.float32)
+    return pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), values.shape[1])
+
+
+def _stack_list_column(table: pa.Table, name: str) -> torch.Tensor:
+    column = table.column(name).combine_chunks()
+    values = column.flatten().to_numpy(zero_copy_only=False)
+    width = len(values) // max(len(column), 1)
+    if width * len(column) != len(values):
+        raise Kd3Error(f"score cache column {name!r} has rows of different lengths; rerun `kd3 score --overwrite`")
+    return torch.from_numpy(values.astype("float32", copy=True).reshape(len(column), width))
+
+
+def load_teacher_outputs(run_dir: Path, needed_by: str = "this stage") -> TeacherOutputs:
+    """The finished score stage's cache of ``run_dir`` (a clear error when it is missing or unfinished)."""
+    meta = require_complete(Path(run_dir), layout.SCORE, needed_by)
+    table = pq.read_table(layout.score_cache(run_dir))
+    frame = table.drop_columns(["logits", "feature"]).to_pandas()
+    return TeacherOutputs(frame=frame, logits=_stack_list_column(table, "logits"),
+                          features=_stack_list_column(table, "feature"), teacher=ModelMeta.from_dict(meta["teacher"]))

@@ -1,0 +1,60 @@
+"""The run folder's layout: every stage folder and artifact file name, in one place.
+
+A stage writes only under its own folder and reads other stages' outputs through these names
+(and the readers in :mod:`kd3.data`), never through literals of its own.
+
+```
+RUN/download/  url_list.parquet, shards/ (NNNNN.tar, NNNNN.parquet, NNNNN_stats.json), meta.json
+RUN/score/     teacher_outputs.parquet, meta.json
+RUN/select/    manifest.parquet, meta.json
+RUN/train*/    epoch_XXX.pt, last.pt, metrics.jsonl, selection/epoch_XXX.parquet, validation.parquet
+RUN/average*/  <mode>.pt
+RUN/evaluate/  report.json, report.md, reliability_<dataset>.png
+RUN/inspect/   index.html, summary.*, plots/, sheets/
+```
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+# stage folders (train and average take a suffix for variant runs: train-kd/, average-kd/)
+DEMO_DATA = "demo-data"
+DOWNLOAD = "download"
+SCORE = "score"
+SELECT = "select"
+TRAIN = "train"
+AVERAGE = "average"
+EVALUATE = "evaluate"
+INSPECT = "inspect"
+
+# artifacts
+URL_LIST = "url_list.parquet"
+SCORE_CACHE = "teacher_outputs.parquet"
+SELECT_MANIFEST = "manifest.parquet"
+SELECTION_DIR = "selection"
+VALIDATION = "validation.parquet"
+METRICS = "metrics.jsonl"
+LAST_CHECKPOINT = "last.pt"
+
+
+def epoch_checkpoint(epoch: int) -> str:
+    """``epoch_XXX.pt`` for a 0-based epoch."""
+    return f"epoch_{epoch:03d}.pt"
+
+
+def epoch_manifest(epoch: int) -> str:
+    """``epoch_XXX.parquet`` (inside ``selection/``) for a 0-based epoch."""
+    return f"epoch_{epoch:03d}.parquet"
+
+
+def score_cache(run_dir: Path) -> Path:
+    return Path(run_dir) / SCORE / SCORE_CACHE
+
+
+def select_manifest(run_dir: Path) -> Path:
+    return Path(run_dir) / SELECT / SELECT_MANIFEST
+
+
+def selection_dir(train_dir: Path) -> Path:
+    return Path(train_dir) / SELECTION_DIR

@@ -1,0 +1,66 @@
+"""Where each epoch's training rows come from: a selector over the scored pool, run every epoch.
+
+A static selector (one that ignores the student) gives the same rows every epoch; a dynamic one
+(KD³'s rule) sees the current student's logits on the un-augmented pool, computed here with one
+student pass per epoch. The teacher is never run: its logits come from the score cache.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from kd3.data.score_cache import TeacherOutputs
+from kd3.inference import pool_logits
+from kd3.methods.selection import SelectionResult
+from kd3.methods.selectors import SelectionInputs, Selector, run_selector
+from kd3.models.spec import InputSpec
+from kd3.params import Params
+
+
+@dataclass
+class EpochRows:
+    """One epoch's training data: score-cache rows and the selection they came from."""
+
+    #: uid → score-cache row of every sample trained this epoch
+    rows: dict[str, int]
+    selection: SelectionResult
+    #: the student's pool logits [N, K] the selection used (None when the selector needs none)
+    student_logits: Optional[torch.Tensor]
+    #: each pool row's feature-alignment weight at its last step this epoch [N] (NaN where not
+    #: trained, or for objectives without weights); filled in by the loop
+    weights: Optional[torch.Tensor] = None
+
+
+class SelectedPool:
+    """Rows re-selected every epoch by ``selector`` among the ``eligible`` pool rows."""
+
+    def __init__(self, selector: Selector, params: Params, scores: TeacherOutputs, shards: list[Path],
+                 eligible: Optional[torch.Tensor], seed: int, batch_size: int, num_workers: int,
+                 device: torch.device):
+        self.selector, self.params = selector, params
+        self.scores = scores
+        self.uid_to_row = scores.uid_to_row
+        self.shards = shards
+        self.eligible = eligible
+        self.seed = seed
+        self.batch_size, self.num_workers, self.device = batch_size, num_workers, device
+
+    @property
+    def needs_student(self) -> bool:
+        return self.selector.needs_student(self.params)
+
+    def epoch(self, epoch: int, total_epochs: int, student: torch.nn.Module, student_input: InputSpec) -> EpochRows:
+        student_logits = None
+        if self.needs_student:
+            student_logits = pool_logits(student, student_input, self.scores.teacher.num_classes, self.shards,
+                                         self.uid_to_row, self.batch_size, self.num_workers, self.device)
+        inputs = SelectionInputs(teacher_logits=self.scores.logits, student_logits=student_logits, epoch=epoch,
+                                 total_epochs=total_epochs, seed=self.seed)
+        selection = run_selector(self.selector, self.params, inputs, self.eligible)
+        chosen = set(torch.nonzero(selection.mask).flatten().tolist())
+        rows = {uid: r for uid, r in self.uid_to_row.items() if r in chosen}
+        return EpochRows(rows=rows, selection=selection, student_logits=student_logits)
