@@ -43,10 +43,72 @@ class RunSection(Section):
     deterministic: bool = True
 
 
+def _check_range(name: str, value: list[float], low: float, high: float) -> list[float]:
+    if len(value) != 2 or not low <= value[0] <= value[1] <= high:
+        raise ValueError(f"{name} must be [min, max] with {low} <= min <= max <= {high}")
+    return value
+
+
+class DigitShift(Section):
+    """Per-image shifts of the in-domain web digits (and of the held-out shifted test digits).
+
+    Every MNIST digit draws its own values from a seeded RNG, applied in this order: stroke width
+    (grey dilation / erosion at 28 px), size and position in a ``canvas`` frame, Gaussian blur,
+    contrast over a background level, colour tint. The defaults change nothing but the frame size.
+    """
+
+    #: edge in pixels of the written image (the digit is placed inside it)
+    canvas: int = Field(default=28, ge=8)
+    #: [min, max] edge of the digit relative to the frame; placed at a uniform position where it fits
+    scale: list[float] = Field(default_factory=lambda: [1.0, 1.0])
+    #: stroke width change in pixels (at 28 px), one drawn uniformly per image: +k dilates, -k erodes, 0 keeps
+    stroke: list[int] = Field(default_factory=lambda: [0])
+    #: [min, max] Gaussian blur sigma in pixels of the frame (0: none)
+    blur: list[float] = Field(default_factory=lambda: [0.0, 0.0])
+    #: [min, max] ink minus background, as a fraction of the full intensity range
+    contrast: list[float] = Field(default_factory=lambda: [1.0, 1.0])
+    #: [min, max] background level, as a fraction of the full range (ink is clipped at full)
+    background: list[float] = Field(default_factory=lambda: [0.0, 0.0])
+    #: [min, max] saturation of a per-image colour of uniform random hue (0: grey images; > 0: RGB)
+    tint: list[float] = Field(default_factory=lambda: [0.0, 0.0])
+
+    @field_validator("scale")
+    @classmethod
+    def _scale(cls, value: list[float]) -> list[float]:
+        _check_range("scale", value, 0.1, 1.0)
+        return value
+
+    @field_validator("stroke")
+    @classmethod
+    def _stroke(cls, value: list[int]) -> list[int]:
+        if not value or any(abs(v) > 3 for v in value):
+            raise ValueError("stroke must be a non-empty list of pixel changes in -3..3")
+        return value
+
+    @field_validator("blur")
+    @classmethod
+    def _blur(cls, value: list[float]) -> list[float]:
+        return _check_range("blur", value, 0.0, 5.0)
+
+    @field_validator("contrast")
+    @classmethod
+    def _contrast(cls, value: list[float]) -> list[float]:
+        return _check_range("contrast", value, 0.05, 1.0)
+
+    @field_validator("background", "tint")
+    @classmethod
+    def _fraction(cls, value: list[float]) -> list[float]:
+        return _check_range("background / tint", value, 0.0, 1.0)
+
+
 class DemoDataSection(Section):
     """The embedded demo: a teacher trained on sklearn digits and a web pool served on loopback."""
 
     image_size: int = Field(default=32, ge=8)
+    #: the teacher's input channels: 1 (grey digits) or 3 (the digits rendered in private_color)
+    channels: Literal[1, 3] = 1
+    #: RGB ink colour of the private digits when channels is 3 (each 1–255: a zero channel would have std 0)
+    private_color: list[int] = Field(default_factory=lambda: [255, 255, 255])
     test_fraction: float = Field(default=0.3, gt=0, lt=1)
     teacher: ModelSpec = Field(default_factory=lambda: ModelSpec(arch="small_cnn", options={"widths": [16, 32, 64]}))
     teacher_epochs: int = Field(default=12, ge=1)
@@ -58,8 +120,17 @@ class DemoDataSection(Section):
     web_natural_crops: int = Field(default=600, ge=0)
     #: add broken entries (a 404 URL, a zero-byte file, an HTML page named .jpg)
     web_broken: bool = True
+    #: per-image shifts of the web MNIST digits and of the held-out shifted test (None: the digits as they are)
+    web_shift: Optional[DigitShift] = None
     #: where the URL list is written (URLs use the {port} placeholder of the loopback server)
     url_list: str = "data_manifests/demo/urls.parquet"
+
+    @field_validator("private_color")
+    @classmethod
+    def _rgb(cls, value: list[int]) -> list[int]:
+        if len(value) != 3 or not all(1 <= v <= 255 for v in value):
+            raise ValueError("private_color must be [r, g, b] with each value in 1..255")
+        return value
 
 
 class DownloadSection(Section):
@@ -378,6 +449,7 @@ RUNTIME_KEYS = {"num_workers", "processes_count", "thread_count", "batch_size_ev
 LATER_DEFAULTS: dict[str, dict[str, Any]] = {
     "train": {"extra_losses": [], "nd_weight": 1.0, "nd_dropout": 0.0, "nd_class_means": "pseudo_labels"},
     "averaging": AveragingSection().model_dump(mode="json"),
+    "demo_data": {"channels": 1, "private_color": [255, 255, 255], "web_shift": None},
 }
 #: sections added to an existing stage later: left out of its fingerprint while all at defaults
 LATER_SECTIONS = {"averaging"}

@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import math
 from pathlib import Path
+from typing import Any, Sequence
 
 import numpy as np
 import pandas as pd
@@ -24,14 +25,21 @@ _NATURAL_IMAGES = ("astronaut", "camera", "coffee", "chelsea", "rocket", "coins"
                    "immunohistochemistry", "cat", "colorwheel", "grass", "gravel", "brick", "text", "page", "clock")
 
 
-def private_digits(image_size: int, test_fraction: float, seed: int):
-    """sklearn digits as uint8 [N, 1, S, S] (ink bright on dark, like MNIST) with a fixed stratified split."""
+def private_digits(image_size: int, test_fraction: float, seed: int, color: Sequence[int] | None = None):
+    """sklearn digits as uint8 [N, 1, S, S] (ink bright on dark, like MNIST) with a fixed stratified split.
+
+    With ``color`` (RGB, 0–255) the digits are rendered as [N, 3, S, S]: each channel is the grey
+    image scaled by that channel's value (ink in ``color`` on black).
+    """
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
     digits = load_digits()
     images = torch.from_numpy(np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)).unsqueeze(1)
     images = TF.resize(images, [image_size, image_size], antialias=True)
+    if color is not None:
+        scale = torch.tensor([float(c) for c in color]).view(1, 3, 1, 1) / 255.0
+        images = (images.float() * scale).round().clamp(0, 255).to(torch.uint8)
     labels = torch.from_numpy(digits.target.astype(np.int64))
     idx_train, idx_test = train_test_split(np.arange(len(labels)), test_size=test_fraction,
                                            random_state=seed, stratify=digits.target)
@@ -86,22 +94,84 @@ def random_affine(x: torch.Tensor, generator: torch.Generator, max_degrees: floa
     return F.grid_sample(x, grid, align_corners=False, padding_mode="zeros")
 
 
+def _hue_color(hue: float, saturation: float) -> np.ndarray:
+    """RGB in [0, 1] of an HSV colour with value 1 (the brightest colour of that hue and saturation)."""
+    k = (np.array([5.0, 3.0, 1.0]) + hue * 6.0) % 6.0
+    return 1.0 - saturation * np.clip(np.minimum(k, 4.0 - k), 0.0, 1.0)
+
+
+def shift_digit(digit: np.ndarray, shift: Any, rng: np.random.Generator) -> np.ndarray:
+    """One MNIST digit (uint8 [28, 28], ink bright on black) → a shifted image, drawing its own values.
+
+    ``shift`` is a :class:`kd3.config.DigitShift`. Steps, in order: stroke (grey dilation +k or
+    erosion -k with a (k+1)² window: strokes widen / narrow by k pixels), size ``scale`` × canvas at a uniform position where the
+    digit fits, Gaussian blur, intensity = background + contrast × ink (clipped at 1), then a
+    colour of uniform hue and saturation ``tint`` multiplying every pixel. Returns uint8 [C, C]
+    (grey) or [C, C, 3] (RGB, when ``tint`` allows a saturation > 0), C = ``shift.canvas``.
+    Always draws the same number of values from ``rng`` per digit, so digit i's shift does not
+    depend on how the others turned out.
+    """
+    stroke = int(shift.stroke[int(rng.integers(len(shift.stroke)))])
+    u = rng.random(7)
+    scale = shift.scale[0] + u[0] * (shift.scale[1] - shift.scale[0])
+    sigma = shift.blur[0] + u[1] * (shift.blur[1] - shift.blur[0])
+    contrast = shift.contrast[0] + u[2] * (shift.contrast[1] - shift.contrast[0])
+    background = shift.background[0] + u[3] * (shift.background[1] - shift.background[0])
+    saturation = shift.tint[0] + u[4] * (shift.tint[1] - shift.tint[0])
+    hue = rng.random()
+    x = torch.from_numpy(digit.astype(np.float32) / 255.0).view(1, 1, *digit.shape)
+    if stroke != 0:
+        k = abs(stroke)
+        sign = 1.0 if stroke > 0 else -1.0  # erosion = -dilation(-x); the zero padding is background
+        padded = F.pad(sign * x, (k // 2, k - k // 2, k // 2, k - k // 2))
+        x = sign * F.max_pool2d(padded, k + 1, stride=1)
+    canvas = shift.canvas
+    size = max(4, min(canvas, int(round(scale * canvas))))
+    x = TF.resize(x, [size, size], antialias=True).clamp(0, 1)
+    top = int(math.floor(u[5] * (canvas - size + 1)))
+    left = int(math.floor(u[6] * (canvas - size + 1)))
+    frame = torch.zeros(1, 1, canvas, canvas)
+    frame[..., top:top + size, left:left + size] = x
+    if sigma > 0:
+        kernel = 2 * int(math.ceil(3 * sigma)) + 1
+        frame = TF.gaussian_blur(frame, [kernel, kernel], [sigma, sigma])
+    frame = (background + contrast * frame).clamp(0, 1)[0, 0].numpy()
+    if shift.tint[1] > 0:
+        frame = frame[..., None] * _hue_color(hue, saturation)
+    return np.round(frame * 255.0).astype(np.uint8)
+
+
+def shift_digits(digits: np.ndarray, shift: Any, rng: np.random.Generator) -> np.ndarray:
+    """:func:`shift_digit` over uint8 [N, 28, 28] → uint8 [N, C, C] or [N, C, C, 3]."""
+    canvas = shift.canvas
+    shape = (0, canvas, canvas) + ((3,) if shift.tint[1] > 0 else ())
+    if len(digits) == 0:
+        return np.zeros(shape, np.uint8)
+    return np.stack([shift_digit(d, shift, rng) for d in digits])
+
+
 def _png_bytes(array: np.ndarray) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(array).save(buf, format="PNG")
     return buf.getvalue()
 
 
-def write_web_pool(root: Path, n_mnist: int, n_crops: int, broken: bool, seed: int) -> tuple[pd.DataFrame, dict]:
+def write_web_pool(root: Path, n_mnist: int, n_crops: int, broken: bool, seed: int,
+                   shift: Any = None) -> tuple[pd.DataFrame, dict]:
     """Write the web pool's files under ``root`` and return the URL list (url, source, demo_label).
 
     URLs are ``http://127.0.0.1:{port}/<file>``: the download stage serves ``root`` on a free
     loopback port and fills in ``{port}``. ``demo_label`` is the true digit for MNIST files and -1
     otherwise; it is never used for training, only to analyse the selection.
     Returns the URL list and the held-out MNIST digits (not in the pool) for a shifted-domain test.
+    With ``shift`` (a :class:`kd3.config.DigitShift`) every MNIST digit, in the pool and held out,
+    is shifted by :func:`shift_digit` with values drawn from an RNG seeded by ``seed`` alone (the
+    digits, the crops and the broken files are drawn exactly as without it).
     """
     root.mkdir(parents=True, exist_ok=True)
     mnist_x, mnist_y = mnist_digits(seed)
+    if shift is not None:
+        mnist_x = shift_digits(mnist_x, shift, np.random.default_rng([seed, 1]))
     rows = []
     base = f"http://127.0.0.1:{PORT_PLACEHOLDER}"
     (root / "mnist").mkdir(exist_ok=True)

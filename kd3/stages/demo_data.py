@@ -1,8 +1,10 @@
 """demo-data: train the demo teacher on private digits and write the web pool for the loopback crawl.
 
 Outputs in ``RUN/demo-data/``: ``teacher.pt`` (kd3 checkpoint), ``private_test.npz`` (the private
-test split: images uint8 [N,S,S], labels), ``mnist_shifted_test.npz`` (MNIST digits kept out of the
-pool, with true labels: a shifted evaluation domain), ``web/`` (files the loopback server serves),
+test split: images uint8 [N,S,S], or [N,3,S,S] with ``demo_data.channels`` 3, labels),
+``mnist_shifted_test.npz`` (MNIST digits kept out of the pool, with true labels: a shifted
+evaluation domain; shifted like the pool's digits by ``demo_data.web_shift``), ``web/`` (files
+the loopback server serves),
 ``teacher_metrics.jsonl``; and the URL list at ``demo_data.url_list``.
 """
 
@@ -32,10 +34,16 @@ def check(cfg: PipelineConfig, run_dir: Path) -> dict[str, str]:
 
 def _train_teacher(cfg: PipelineConfig, out: StageDir, device: torch.device):
     dd = cfg.demo_data
-    x_train, y_train, x_test, y_test = private_digits(dd.image_size, dd.test_fraction, cfg.run.seed)
+    color = dd.private_color if dd.channels == 3 else None
+    x_train, y_train, x_test, y_test = private_digits(dd.image_size, dd.test_fraction, cfg.run.seed, color)
     pixels = x_train.float() / 255.0
-    spec = InputSpec(image_size=dd.image_size, channels=1, mean=(round(pixels.mean().item(), 4),),
-                     std=(round(pixels.std().item(), 4),))
+    if dd.channels == 1:
+        spec = InputSpec(image_size=dd.image_size, channels=1, mean=(round(pixels.mean().item(), 4),),
+                         std=(round(pixels.std().item(), 4),))
+    else:
+        spec = InputSpec(image_size=dd.image_size, channels=dd.channels,
+                         mean=tuple(round(v, 4) for v in pixels.mean(dim=(0, 2, 3)).tolist()),
+                         std=tuple(round(v, 4) for v in pixels.std(dim=(0, 2, 3)).tolist()))
     meta = ModelMeta(arch=dd.teacher.arch, options=dd.teacher.options, num_classes=10,
                      class_names=[str(i) for i in range(10)], input=spec)
     model = build_model(meta.arch, meta.num_classes, spec.channels, meta.options).to(device)
@@ -44,7 +52,10 @@ def _train_teacher(cfg: PipelineConfig, out: StageDir, device: torch.device):
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=dd.teacher_lr,
                                                     total_steps=dd.teacher_epochs * steps_per_epoch)
     gen = torch.Generator().manual_seed(cfg.run.seed)
-    mean, std = spec.mean[0], spec.std[0]
+    if dd.channels == 1:
+        mean, std = spec.mean[0], spec.std[0]
+    else:
+        mean, std = torch.tensor(spec.mean).view(1, -1, 1, 1), torch.tensor(spec.std).view(1, -1, 1, 1)
     x_test_n = ((x_test.float() / 255.0 - mean) / std).to(device)
     for epoch in range(dd.teacher_epochs):
         model.train()
@@ -85,13 +96,31 @@ def run(cfg: PipelineConfig, out: StageDir) -> dict[str, Any]:
     device = configure(cfg.run)
     dd = cfg.demo_data
     x_test, y_test, test_acc, n_train = _train_teacher(cfg, out, device)
-    _save_npz(out.path / "private_test.npz", images=x_test[:, 0].numpy(), labels=y_test.numpy())
-    urls, held_out = write_web_pool(out.path / "web", dd.web_mnist, dd.web_natural_crops, dd.web_broken, cfg.run.seed)
+    # grey: [N, S, S] as before; RGB: [N, 3, S, S]
+    test_images = x_test[:, 0] if dd.channels == 1 else x_test
+    _save_npz(out.path / "private_test.npz", images=test_images.numpy(), labels=y_test.numpy())
+    urls, held_out = write_web_pool(out.path / "web", dd.web_mnist, dd.web_natural_crops, dd.web_broken, cfg.run.seed,
+                                    dd.web_shift)
     _save_npz(out.path / "mnist_shifted_test.npz", images=held_out["images"], labels=held_out["labels"])
     url_list = Path(dd.url_list)
     with atomic_path(url_list) as tmp:
         urls.to_parquet(tmp, index=False)
     print(f"[{NAME}] teacher private test accuracy {test_acc:.4f}; web pool of {len(urls)} URLs -> {url_list}")
-    return {"private_train": n_train, "private_test": len(y_test), "teacher_private_test_acc": round(test_acc, 4),
-            "web_urls": len(urls), "web_by_source": urls["source"].value_counts().to_dict(),
-            "mnist_shifted_test": len(held_out["labels"]), "url_list": str(url_list)}
+    counts = {"private_train": n_train, "private_test": len(y_test), "teacher_private_test_acc": round(test_acc, 4),
+              "web_urls": len(urls), "web_by_source": urls["source"].value_counts().to_dict(),
+              "mnist_shifted_test": len(held_out["labels"]), "url_list": str(url_list)}
+    if len(held_out["labels"]):
+        counts["teacher_mnist_shifted_test_acc"] = round(_accuracy(out.path / "teacher.pt", held_out, device), 4)
+        print(f"[{NAME}] teacher accuracy on the shifted held-out digits {counts['teacher_mnist_shifted_test_acc']:.4f}")
+    return counts
+
+
+def _accuracy(teacher: Path, held_out: dict[str, np.ndarray], device: torch.device) -> float:
+    """Top-1 of the saved teacher on held-out images, prepared exactly as evaluation prepares them."""
+    from kd3.data.images import as_nchw_uint8
+    from kd3.inference import array_logits
+    from kd3.models import load_model
+
+    model, meta, _ = load_model(teacher, device)
+    logits = array_logits(model, meta.input, as_nchw_uint8(held_out["images"]), 512, device)
+    return (logits.argmax(1) == torch.from_numpy(held_out["labels"])).float().mean().item()
