@@ -172,6 +172,10 @@ class ScoreSection(Section):
     teacher: str
     batch_size: int = Field(default=256, ge=1)
     num_workers: int = Field(default=0, ge=0)
+    #: BN in-domain score (teachers with BatchNorm): per-channel deviation d(z) = z² ("squared") or |z|
+    bn_distance: Literal["squared", "absolute"] = "absolute"
+    #: BN in-domain score: weight of the per-channel variance term beside the mean term (0: mean only)
+    bn_variance_weight: float = Field(default=0.0, ge=0)
 
 
 class SelectSection(Section):
@@ -447,6 +451,7 @@ RUNTIME_KEYS = {"num_workers", "processes_count", "thread_count", "batch_size_ev
 #: keys added after run folders had been written: at these values they leave the fingerprint
 #: unchanged, so a finished or interrupted stage from before still resumes (any other value counts)
 LATER_DEFAULTS: dict[str, dict[str, Any]] = {
+    "score": {"bn_distance": "absolute", "bn_variance_weight": 0.0},
     "train": {"extra_losses": [], "nd_weight": 1.0, "nd_dropout": 0.0, "nd_class_means": "pseudo_labels"},
     "averaging": AveragingSection().model_dump(mode="json"),
     "demo_data": {"channels": 1, "private_color": [255, 255, 255], "web_shift": None},

@@ -139,7 +139,7 @@ def selection_stats(sr: ScenarioRun, train_dir: Path, num_classes: int) -> list[
 
 def cell_key(spec: BenchSpec, sr: ScenarioRun, method: Method, overrides: list[str]) -> str:
     """Settings fingerprint of a cell: a cached result is reused only for the same settings."""
-    payload = json.dumps({"overrides": sr.overrides, "method": method.model_dump(), "cell": overrides,
+    payload = json.dumps({"overrides": sr.overrides, "method": method.model_dump(exclude={"description"}), "cell": overrides,
                           "averaging": spec.averaging_mode}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 

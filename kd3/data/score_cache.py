@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import pandas as pd
@@ -30,6 +31,10 @@ class TeacherOutputs:
     logits: torch.Tensor  # [N, K] float32
     features: torch.Tensor  # [N, D] float32
     teacher: ModelMeta
+    #: BN in-domain score [N] (lower = more in-domain); None for a teacher without BatchNorm
+    bn_score: Optional[torch.Tensor] = None
+    #: the same per BatchNorm layer [N, L]
+    bn_per_layer: Optional[torch.Tensor] = None
 
     @property
     def uid_to_row(self) -> dict[str, int]:
@@ -55,6 +60,10 @@ def load_teacher_outputs(run_dir: Path, needed_by: str = "this stage") -> Teache
     """The finished score stage's cache of ``run_dir`` (a clear error when it is missing or unfinished)."""
     meta = require_complete(Path(run_dir), layout.SCORE, needed_by)
     table = pq.read_table(layout.score_cache(run_dir))
-    frame = table.drop_columns(["logits", "feature"]).to_pandas()
+    bn = "bn_score" in table.column_names
+    frame = table.drop_columns([c for c in ("logits", "feature", "bn_score", "bn_per_layer")
+                                if c in table.column_names]).to_pandas()
     return TeacherOutputs(frame=frame, logits=_stack_list_column(table, "logits"),
-                          features=_stack_list_column(table, "feature"), teacher=ModelMeta.from_dict(meta["teacher"]))
+                          features=_stack_list_column(table, "feature"), teacher=ModelMeta.from_dict(meta["teacher"]),
+                          bn_score=torch.from_numpy(table.column("bn_score").to_numpy().astype("float32")) if bn else None,
+                          bn_per_layer=_stack_list_column(table, "bn_per_layer") if bn else None)

@@ -45,6 +45,10 @@ class SelectionInputs:
     total_epochs: Optional[int] = None
     #: the run's seed (for randomised rules)
     seed: int = 0
+    #: the teacher's BatchNorm in-domain score [N] (lower = more in-domain; score cache), None
+    #: for a teacher without BatchNorm; and the same per BN layer [N, L]
+    bn_score: Optional[torch.Tensor] = None
+    bn_per_layer: Optional[torch.Tensor] = None
 
 
 @dataclass(frozen=True)
@@ -54,6 +58,8 @@ class Selector:
     params: type[Params]
     #: whether this selector, with these parameters, needs the student's pool pass
     needs_student: Callable[[Params], bool]
+    #: whether it reads the teacher's BatchNorm in-domain score (teachers with BatchNorm only)
+    needs_bn: bool = False
 
     def __call__(self, inputs: SelectionInputs, params: Params) -> SelectionResult:
         return self.fn(inputs, params)
@@ -67,12 +73,12 @@ class NoParams(Params):
 
 
 def register_selector(name: str, params: type[Params] = NoParams,
-                      needs_student: Union[bool, Callable[[Params], bool]] = False):
+                      needs_student: Union[bool, Callable[[Params], bool]] = False, needs_bn: bool = False):
     """Decorator: register ``fn`` as selector ``name`` with its parameter model (see module doc)."""
 
     def add(fn: Callable[[SelectionInputs, Params], SelectionResult]):
         rule = needs_student if callable(needs_student) else (lambda _p, flag=bool(needs_student): flag)
-        SELECTORS.register(name, Selector(name, fn, params, rule), doc=fn.__doc__ or name)
+        SELECTORS.register(name, Selector(name, fn, params, rule, needs_bn), doc=fn.__doc__ or name)
         return fn
 
     return add
@@ -99,9 +105,12 @@ def run_selector(selector: Selector, params: Params, inputs: SelectionInputs,
 
 
 def _rows(inputs: SelectionInputs, idx: torch.Tensor) -> SelectionInputs:
-    student = None if inputs.student_logits is None else inputs.student_logits[idx]
-    return SelectionInputs(teacher_logits=inputs.teacher_logits[idx], student_logits=student, epoch=inputs.epoch,
-                           total_epochs=inputs.total_epochs, seed=inputs.seed)
+    def sub(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        return None if t is None else t[idx]
+
+    return SelectionInputs(teacher_logits=inputs.teacher_logits[idx], student_logits=sub(inputs.student_logits),
+                           epoch=inputs.epoch, total_epochs=inputs.total_epochs, seed=inputs.seed,
+                           bn_score=sub(inputs.bn_score), bn_per_layer=sub(inputs.bn_per_layer))
 
 
 def _teacher_predictions(teacher_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -230,6 +239,78 @@ def select_dfnd_topk(inputs: SelectionInputs, params: DfndParams) -> SelectionRe
         if len(members):
             order = torch.sort(conf[members], descending=True, stable=True).indices[:per_class]
             mask[members[order]] = True
+    return SelectionResult(mask=mask, labels=labels, confidences=conf, thresholds=torch.zeros(k), counts=counts,
+                           selected_per_class=torch.bincount(labels[mask], minlength=k), fallback_used=False,
+                           dominant_class=None)
+
+
+# ------------------------------------------------------------------ BatchNorm in-domain selectors
+def _bn_signal(inputs: SelectionInputs, layers: Optional[list[int]]) -> torch.Tensor:
+    """The BN in-domain score [N] (lower = more in-domain): the cached one, or the mean of the
+    chosen per-layer columns."""
+    if inputs.bn_score is None:
+        raise ValueError("needs the teacher's BatchNorm in-domain score, and this teacher has no BatchNorm2d layer")
+    if layers is None:
+        return inputs.bn_score.float()
+    width = inputs.bn_per_layer.shape[1]
+    bad = [i for i in layers if not 0 <= i < width]
+    if bad:
+        raise ValueError(f"layers {bad} out of range: the teacher has {width} BatchNorm layers (0..{width - 1})")
+    return inputs.bn_per_layer[:, layers].float().mean(1)
+
+
+class BnQuantileParams(Params):
+    #: keep this share of the pool: the samples with the lowest BN score
+    fraction: float = Field(default=0.5, gt=0, le=1)
+    #: take the share within each teacher class (keeps every class represented)
+    class_balanced: bool = False
+    #: BN layers (0-based, as in the score cache's bn_per_layer) whose scores are averaged; None: all
+    layers: Optional[list[int]] = None
+
+
+@register_selector("bn_quantile", BnQuantileParams, needs_bn=True)
+def select_bn_quantile(inputs: SelectionInputs, params: BnQuantileParams) -> SelectionResult:
+    """The share of the pool the teacher's BatchNorm statistics find most in-domain (METHODS.md §6),
+    overall or per teacher class; the same every epoch."""
+    signal = _bn_signal(inputs, params.layers)
+    conf, labels, counts = _teacher_predictions(inputs.teacher_logits)
+    n, k = inputs.teacher_logits.shape
+    mask = torch.zeros(n, dtype=torch.bool)
+    groups = [torch.nonzero(labels == c).flatten() for c in range(k)] if params.class_balanced else [torch.arange(n)]
+    for members in groups:
+        keep = max(1, round(params.fraction * len(members))) if len(members) else 0
+        order = torch.sort(signal[members], stable=True).indices[:keep]
+        mask[members[order]] = True
+    return SelectionResult(mask=mask, labels=labels, confidences=conf, thresholds=torch.zeros(k), counts=counts,
+                           selected_per_class=torch.bincount(labels[mask], minlength=k), fallback_used=False,
+                           dominant_class=None)
+
+
+class BnSoftParams(Params):
+    #: the BN-score quantile where a sample's keep probability is 1/2
+    fraction: float = Field(default=0.5, gt=0, lt=1)
+    #: width of the logistic in units of the scores' inter-quartile range (smaller = harder cut)
+    temperature: float = Field(default=0.25, gt=0)
+    #: floor on every sample's keep probability (off-domain images still carry the teacher's function)
+    min_prob: float = Field(default=0.0, ge=0, le=1)
+    #: BN layers to average (as in bn_quantile); None: all
+    layers: Optional[list[int]] = None
+
+
+@register_selector("bn_soft", BnSoftParams, needs_bn=True)
+def select_bn_soft(inputs: SelectionInputs, params: BnSoftParams) -> SelectionResult:
+    """Soft BN selection: every epoch each sample is drawn with probability
+    p_i = max(min_prob, σ((q − s_i) / (temperature · IQR))), q the ``fraction`` quantile of the BN scores
+    s — in-domain samples nearly always, off-domain ones sometimes (seeded by run seed and epoch)."""
+    signal = _bn_signal(inputs, params.layers).double()
+    conf, labels, counts = _teacher_predictions(inputs.teacher_logits)
+    n, k = inputs.teacher_logits.shape
+    q1, q, q3 = torch.quantile(signal, torch.tensor([0.25, params.fraction, 0.75], dtype=torch.float64))
+    scale = max(float(q3 - q1), 1e-12) * params.temperature
+    prob = torch.sigmoid((q - signal) / scale).clamp_min(params.min_prob)
+    epoch = -1 if inputs.epoch is None else inputs.epoch
+    generator = torch.Generator().manual_seed(inputs.seed * 1_000_003 + 7919 * (epoch + 1))
+    mask = torch.rand(n, generator=generator, dtype=torch.float64) < prob
     return SelectionResult(mask=mask, labels=labels, confidences=conf, thresholds=torch.zeros(k), counts=counts,
                            selected_per_class=torch.bincount(labels[mask], minlength=k), fallback_used=False,
                            dominant_class=None)

@@ -2,6 +2,8 @@
 
 Outputs in ``RUN/demo-data/``: ``teacher.pt`` (kd3 checkpoint), ``private_test.npz`` (the private
 test split: images uint8 [N,S,S], or [N,3,S,S] with ``demo_data.channels`` 3, labels),
+``private_train.npz`` (the teacher's training split, same layout; only the quality benchmark's
+original-data ceiling reads it — no distillation stage does),
 ``mnist_shifted_test.npz`` (MNIST digits kept out of the pool, with true labels: a shifted
 evaluation domain; shifted like the pool's digits by ``demo_data.web_shift``), ``web/`` (files
 the loopback server serves),
@@ -19,7 +21,9 @@ import torch.nn.functional as F
 
 from kd3.config import PipelineConfig
 from kd3.data.demo import private_digits, random_affine, write_web_pool
-from kd3.models import InputSpec, ModelMeta, build_model, save_checkpoint
+from kd3.data.images import as_nchw_uint8
+from kd3.inference import batch_logits
+from kd3.models import InputSpec, ModelMeta, build_model, load_model, save_checkpoint
 from kd3.runs import StageDir, append_jsonl, atomic_path
 from kd3.runtime import configure
 
@@ -83,7 +87,7 @@ def _train_teacher(cfg: PipelineConfig, out: StageDir, device: torch.device):
         print(f"[{NAME}] teacher epoch {epoch + 1}/{dd.teacher_epochs}: loss {record['loss']:.3f} "
               f"train acc {record['train_acc']:.3f} private test acc {test_acc:.3f}")
     save_checkpoint(out.path / "teacher.pt", model, meta, trained_on="sklearn digits (private train split)")
-    return x_test, y_test, test_acc, len(y_train)
+    return x_train, y_train, x_test, y_test, test_acc
 
 
 def _save_npz(path: Path, **arrays: Any) -> None:
@@ -95,10 +99,14 @@ def _save_npz(path: Path, **arrays: Any) -> None:
 def run(cfg: PipelineConfig, out: StageDir) -> dict[str, Any]:
     device = configure(cfg.run)
     dd = cfg.demo_data
-    x_test, y_test, test_acc, n_train = _train_teacher(cfg, out, device)
+    x_train, y_train, x_test, y_test, test_acc = _train_teacher(cfg, out, device)
+    n_train = len(y_train)
     # grey: [N, S, S] as before; RGB: [N, 3, S, S]
     test_images = x_test[:, 0] if dd.channels == 1 else x_test
     _save_npz(out.path / "private_test.npz", images=test_images.numpy(), labels=y_test.numpy())
+    # the teacher's own training data: only the benchmark's original-data reference (the ceiling) reads it
+    train_images = x_train[:, 0] if dd.channels == 1 else x_train
+    _save_npz(out.path / "private_train.npz", images=train_images.numpy(), labels=y_train.numpy())
     urls, held_out = write_web_pool(out.path / "web", dd.web_mnist, dd.web_natural_crops, dd.web_broken, cfg.run.seed,
                                     dd.web_shift)
     _save_npz(out.path / "mnist_shifted_test.npz", images=held_out["images"], labels=held_out["labels"])
@@ -117,10 +125,8 @@ def run(cfg: PipelineConfig, out: StageDir) -> dict[str, Any]:
 
 def _accuracy(teacher: Path, held_out: dict[str, np.ndarray], device: torch.device) -> float:
     """Top-1 of the saved teacher on held-out images, prepared exactly as evaluation prepares them."""
-    from kd3.data.images import as_nchw_uint8
-    from kd3.inference import array_logits
-    from kd3.models import load_model
-
     model, meta, _ = load_model(teacher, device)
-    logits = array_logits(model, meta.input, as_nchw_uint8(held_out["images"]), 512, device)
+    model.eval()
+    images = as_nchw_uint8(held_out["images"])
+    logits = torch.cat([batch_logits(model, meta.input, images[i:i + 512], device) for i in range(0, len(images), 512)])
     return (logits.argmax(1) == torch.from_numpy(held_out["labels"])).float().mean().item()

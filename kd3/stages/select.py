@@ -55,7 +55,8 @@ def run(cfg: PipelineConfig, out: StageDir) -> dict[str, Any]:
                                      scores.uid_to_row, cfg.score.batch_size, cfg.score.num_workers, device)
     try:
         result = selector(SelectionInputs(teacher_logits=scores.logits, student_logits=student_logits,
-                                          seed=cfg.run.seed), params)
+                                          seed=cfg.run.seed, bn_score=scores.bn_score,
+                                          bn_per_layer=scores.bn_per_layer), params)
     except ValueError as exc:
         raise Kd3Error(f"select.selector {selector.name}: {exc}") from None
     manifest = selection_manifest(scores.frame, STANDALONE_EPOCH, result, result.alpha, student_logits, None)

@@ -14,6 +14,7 @@ from typing import Optional
 import torch
 
 from kd3.data.score_cache import TeacherOutputs
+from kd3.errors import Kd3Error
 from kd3.inference import pool_logits
 from kd3.methods.selection import SelectionResult
 from kd3.methods.selectors import SelectionInputs, Selector, run_selector
@@ -48,6 +49,10 @@ class SelectedPool:
         self.eligible = eligible
         self.seed = seed
         self.batch_size, self.num_workers, self.device = batch_size, num_workers, device
+        if selector.needs_bn and scores.bn_score is None:
+            raise Kd3Error(f"train.selector {selector.name} needs the teacher's BatchNorm in-domain score, and the "
+                           "score cache has none (the teacher has no BatchNorm2d layer); use teacher_confidence, "
+                           "dfnd_topk, random or all")
 
     @property
     def needs_student(self) -> bool:
@@ -59,8 +64,12 @@ class SelectedPool:
             student_logits = pool_logits(student, student_input, self.scores.teacher.num_classes, self.shards,
                                          self.uid_to_row, self.batch_size, self.num_workers, self.device)
         inputs = SelectionInputs(teacher_logits=self.scores.logits, student_logits=student_logits, epoch=epoch,
-                                 total_epochs=total_epochs, seed=self.seed)
-        selection = run_selector(self.selector, self.params, inputs, self.eligible)
+                                 total_epochs=total_epochs, seed=self.seed, bn_score=self.scores.bn_score,
+                                 bn_per_layer=self.scores.bn_per_layer)
+        try:
+            selection = run_selector(self.selector, self.params, inputs, self.eligible)
+        except ValueError as exc:  # parameters that do not fit this pool or teacher
+            raise Kd3Error(f"train.selector {self.selector.name}: {exc}") from None
         chosen = set(torch.nonzero(selection.mask).flatten().tolist())
         rows = {uid: r for uid, r in self.uid_to_row.items() if r in chosen}
         return EpochRows(rows=rows, selection=selection, student_logits=student_logits)

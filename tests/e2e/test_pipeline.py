@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -50,6 +51,12 @@ def test_score_cache_and_selection_manifest(toy_run):
     assert len(scores) == 120 and scores["uid"].is_unique
     assert len(scores["logits"].iloc[0]) == 10
     assert scores["url"].str.contains("{port}", regex=False).all()  # stable, port-free URLs
+    # the demo teacher has 6 BatchNorm layers: a BN in-domain score per sample, overall and per layer
+    per_layer = np.stack(scores["bn_per_layer"].to_numpy())
+    assert per_layer.shape == (120, 6) and np.isfinite(per_layer).all() and (per_layer >= 0).all()
+    np.testing.assert_allclose(scores["bn_score"], per_layer.mean(1), rtol=1e-5)
+    score_meta = json.loads((run_dir / "score" / "meta.json").read_text())
+    assert len(score_meta["counts"]["bn_layers"]) == 6
     manifest = pd.read_parquet(run_dir / "select" / "manifest.parquet")
     assert {"uid", "url", "teacher_label", "teacher_conf", "selected"} <= set(manifest.columns)
     assert manifest.loc[manifest["selected"], "teacher_conf"].min() >= 0.3

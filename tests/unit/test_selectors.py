@@ -99,3 +99,39 @@ def test_dfnd_topk_keeps_the_most_confident_per_teacher_class():
     assert r.mask.tolist() == [True, False, True, True]
     r = run("dfnd_topk", DfndParams(fraction=0.5))  # k = round(0.5·4/2) = 1 per class
     assert r.mask.tolist() == [True, False, True, False]
+
+
+BN = torch.tensor([0.3, 2.0, 0.1, 5.0])  # lower = more in-domain
+BN_LAYERS = torch.tensor([[0.2, 0.4], [1.0, 3.0], [0.0, 0.2], [9.0, 1.0]])
+
+
+def test_bn_quantile_keeps_the_lowest_scores_overall_or_per_class():
+    from kd3.methods.selectors import BnQuantileParams
+
+    r = run("bn_quantile", BnQuantileParams(fraction=0.5), bn_score=BN, bn_per_layer=BN_LAYERS)
+    assert r.mask.tolist() == [True, False, True, False]  # 0.1 and 0.3
+    # per teacher class (labels [0, 0, 1, 0]): class 0 keeps round(0.5·3) = 2 of (0.3, 2.0, 5.0), class 1 its one
+    r = run("bn_quantile", BnQuantileParams(fraction=0.5, class_balanced=True), bn_score=BN, bn_per_layer=BN_LAYERS)
+    assert r.mask.tolist() == [True, True, True, False]
+    # layer 1 only: 0.4, 3.0, 0.2, 1.0 → the two lowest are rows 2 and 0
+    r = run("bn_quantile", BnQuantileParams(fraction=0.5, layers=[1]), bn_score=BN, bn_per_layer=BN_LAYERS)
+    assert r.mask.tolist() == [True, False, True, False]
+    with pytest.raises(ValueError, match="no BatchNorm"):
+        run("bn_quantile", BnQuantileParams())
+
+
+def test_bn_soft_draws_with_the_logistic_probability_of_the_score():
+    from kd3.methods.selectors import BnSoftParams
+
+    # quantiles of (0.1, 0.3, 2.0, 5.0) by linear interpolation: q25 = 0.25, q50 = 1.15, q75 = 2.75;
+    # IQR 2.5, temperature 0.2 → scale 0.5: p = σ((1.15 − s)/0.5) = σ(1.7), σ(−1.7), σ(2.1), σ(−7.7)
+    params = BnSoftParams(fraction=0.5, temperature=0.2)
+    s = BN.double()
+    prob = torch.sigmoid((1.15 - s) / 0.5)
+    r = run("bn_soft", params, bn_score=BN, epoch=3, seed=2)
+    u = torch.rand(4, generator=torch.Generator().manual_seed(2 * 1_000_003 + 7919 * 4), dtype=torch.float64)
+    assert r.mask.tolist() == (u < prob).tolist()
+    floor = run("bn_soft", BnSoftParams(fraction=0.5, temperature=0.2, min_prob=1.0), bn_score=BN, epoch=0)
+    assert floor.mask.all()
+    other_epoch = [run("bn_soft", params, bn_score=BN, epoch=e, seed=2).mask.tolist() for e in range(8)]
+    assert len({tuple(m) for m in other_epoch}) > 1  # a new draw every epoch
