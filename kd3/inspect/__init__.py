@@ -7,6 +7,7 @@ few hundred MB. Nothing here imports torch.
 
 - :mod:`.manifests`  find a run's manifests, pick label/confidence columns, stream record batches
 - :mod:`.summary`    per-manifest counts, thresholds, α, churn, histograms → tables (text and HTML)
+- :mod:`.truth`      the URL list's ground truth (in-domain flag, true class) joined on uid hashes
 - :mod:`.plots`      matplotlib (Agg) PNGs: selection per class, τ_k, training curves, confidence
 - :mod:`.tars`       stream samples out of tar shards, keeping only the wanted ones' bytes
 - :mod:`.sheets`     per-class contact sheets of the most/least confident and near-miss samples

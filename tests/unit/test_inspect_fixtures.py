@@ -11,6 +11,25 @@ by hand:
     u3   1     0.60  no                       u3   2     0.97  yes   (entered, label changed)
     u4   2     0.99  yes                      u4   2     0.99  yes
     u5   2     0.50  no                       u5   2     0.41  no
+
+With ``url_list=True`` the download folder also gets the URL list with the demo's ground truth
+(``source``, ``demo_label``), two more URLs that never reached a manifest (u6 broken, u7 an MNIST
+digit whose download failed):
+
+    uid  source   demo_label   epoch 0 / select: selected        epoch 1: selected (label)
+    u0   mnist    0            yes                               yes (0)
+    u1   natural  -1           no                                yes (0)   distractor
+    u2   mnist    1            yes                               no
+    u3   natural  -1           no                                yes (2)   distractor
+    u4   mnist    2            yes                               yes (2)
+    u5   mnist    1            no                                no
+    u6   broken   -1           (not in the manifests)
+    u7   mnist    0            (not in the manifests)
+
+    epoch 0 and select: purity 3/3 = 1, in-domain recall 3/4 (u0 u2 u4 of u0 u2 u4 u5),
+                        per true class 0: 1/1, 1: 1/2 (u2 not u5), 2: 1/1; no distractor selected
+    epoch 1:            purity 2/4 = 0.5, in-domain recall 2/4 (u0 u4), per true class 1/1, 0/2, 1/1;
+                        selected distractors per label [1, 0, 1] (a tie: no class absorbs them)
 """
 
 from __future__ import annotations
@@ -26,6 +45,9 @@ from PIL import Image
 
 CLASS_NAMES = ["zero", "one", "two"]
 UIDS = [f"u{i}{'0' * 30}" for i in range(6)]  # 32 characters, like real uids
+#: the URL list's ground truth per sample (source, demo_label), then the two URLs no manifest has
+TRUTH = [("mnist", 0), ("natural", -1), ("mnist", 1), ("natural", -1), ("mnist", 2), ("mnist", 1)]
+EXTRA_URLS = [("broken", -1), ("mnist", 0)]
 EPOCHS = {
     0: dict(alpha=0.8, tau=[0.9, 0.7, 0.95], labels=[0, 0, 1, 1, 2, 2], conf=[0.95, 0.85, 0.80, 0.60, 0.99, 0.50],
             selected=[True, False, True, False, True, False]),
@@ -87,14 +109,33 @@ def select_frame() -> pd.DataFrame:
     return frame
 
 
+def url_list_frame() -> pd.DataFrame:
+    """The download stage's copy of the URL list: url, source, demo_label, uid (8 URLs, 6 downloaded)."""
+    rows = TRUTH + EXTRA_URLS
+    return pd.DataFrame({
+        "url": [f"http://example.invalid/{i}.png" for i in range(len(rows))],
+        "source": [r[0] for r in rows], "demo_label": np.array([r[1] for r in rows], np.int64),
+        "uid": UIDS + [f"u{i}{'0' * 30}" for i in range(len(UIDS), len(rows))],
+    })
+
+
+def write_url_list(run: Path, frame: pd.DataFrame | None = None) -> Path:
+    path = run / "download" / "url_list.parquet"
+    (url_list_frame() if frame is None else frame).to_parquet(path, index=False)
+    return path
+
+
 def _meta(stage: str, counts: dict, **extra) -> str:
     return json.dumps({"stage": stage, "status": "complete", "counts": counts, **extra})
 
 
-def build_run(root: Path, epochs: bool = True, select: bool = True) -> Path:
-    """A run folder with download (shards + meta), score meta, select and/or train manifests."""
+def build_run(root: Path, epochs: bool = True, select: bool = True, url_list: bool = False) -> Path:
+    """A run folder with download (shards + meta, and the URL list with ground truth if asked), score meta,
+    select and/or train manifests."""
     run = root / "run"
     write_shards(run / "download" / "shards")
+    if url_list:
+        write_url_list(run)
     (run / "download" / "meta.json").write_text(_meta(
         "download", {"urls": 8, "ok": 6, "failed": 2, "failures_by_reason": {"http 404": 1, "timeout": 1}}))
     (run / "score").mkdir(parents=True)
