@@ -373,7 +373,7 @@ class EvaluateSection(Section):
 
 
 class InspectSection(Section):
-    """What ``kd3 inspect`` shows: contact-sheet sizes and histogram resolution."""
+    """What ``kd3 inspect`` shows: contact-sheet sizes, histogram resolution, ground truth and warnings."""
 
     #: most confident selected samples per class on each contact sheet
     top_n: int = Field(default=16, ge=0)
@@ -387,6 +387,18 @@ class InspectSection(Section):
     thumbnail_size: int = Field(default=64, ge=16, le=512)
     #: bins of the confidence histograms over [0, 1]
     histogram_bins: int = Field(default=20, ge=2, le=200)
+    #: column of the download's URL list (RUN/download/url_list.parquet, joined on uid) saying where a sample
+    #: comes from; the report scores each selection against it (never given to a method). None: no ground truth
+    ground_truth_column: Optional[str] = "source"
+    #: the value of ground_truth_column (compared as text) that marks an in-domain sample
+    in_domain_value: str = "mnist"
+    #: URL-list column with the true class of in-domain samples (class index or name); None: no per-class recall
+    true_label_column: Optional[str] = "demo_label"
+    #: warn when one class holds more than this share of the selected distractors (without ground truth:
+    #: of the selected samples)
+    warn_class_share: float = Field(default=0.5, gt=0.0, lt=1.0)
+    #: ... and at least this many such samples were selected
+    warn_min_samples: int = Field(default=10, ge=1)
 
 
 class PipelineConfig(Section):
@@ -455,6 +467,8 @@ LATER_DEFAULTS: dict[str, dict[str, Any]] = {
     "train": {"extra_losses": [], "nd_weight": 1.0, "nd_dropout": 0.0, "nd_class_means": "pseudo_labels"},
     "averaging": AveragingSection().model_dump(mode="json"),
     "demo_data": {"channels": 1, "private_color": [255, 255, 255], "web_shift": None},
+    "inspect": {"ground_truth_column": "source", "in_domain_value": "mnist", "true_label_column": "demo_label",
+                "warn_class_share": 0.5, "warn_min_samples": 10},
 }
 #: sections added to an existing stage later: left out of its fingerprint while all at defaults
 LATER_SECTIONS = {"averaging"}

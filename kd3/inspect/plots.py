@@ -147,3 +147,39 @@ def plot_confidence(summary: RunSummary, path: Path) -> Optional[Path]:
     ax.legend()
     ax.grid(alpha=0.3)
     return _save(fig, path)
+
+
+def plot_ground_truth(summary: RunSummary, path: Path) -> Optional[Path]:
+    """Purity and in-domain recall of each selection against the URL list's ground truth.
+
+    Lines over the training epochs, the select stage's manifest as dashed levels; bars when the
+    select stage's manifest is the only one. None without ground truth.
+    """
+    with_truth = [m for m in summary.manifests if m.truth is not None]
+    if not with_truth:
+        return None
+    fig = Figure(layout="constrained", figsize=(8, 3.8))
+    ax = fig.add_subplot()
+    series = (("purity", "#3366cc", lambda m: m.truth.purity), ("in-domain recall", "#dc7a00", lambda m: m.truth.recall))
+    epochs = [m for m in with_truth if m.epoch is not None]
+    select = [m for m in with_truth if m.epoch is None]
+    if epochs:
+        x = [m.epoch for m in epochs]
+        for label, color, value in series:
+            ax.plot(x, [np.nan if value(m) is None else value(m) for m in epochs], marker=".", color=color, label=label)
+            for m in select:
+                if value(m) is not None:
+                    ax.axhline(value(m), color=color, linestyle="--", linewidth=1, label=f"{label} (select)")
+        ax.set_xlabel("epoch")
+    else:
+        m = select[-1]
+        values = [np.nan if value(m) is None else value(m) for _, _, value in series]
+        ax.bar([label for label, _, _ in series], values, color=[color for _, color, _ in series])
+        ax.set_xlabel(m.name)
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("share")
+    ax.set_title("Selection purity and in-domain recall (ground truth)")
+    ax.grid(alpha=0.3)
+    if epochs:
+        ax.legend(fontsize=8)
+    return _save(fig, path)

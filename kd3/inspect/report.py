@@ -19,7 +19,8 @@ from kd3 import __version__
 from kd3.errors import Kd3Error
 from kd3.inspect.manifests import TRAIN_DIR, ManifestRef, find_manifests
 from kd3.inspect.sheets import SECTIONS, Sheet, build_sheets
-from kd3.inspect.summary import RunSummary, Table, format_summary, summarize_run, tables
+from kd3.inspect.summary import RunSummary, Table, format_summary, summarize_run, tables, warning_lines
+from kd3.inspect.truth import DEFAULT_TRUTH, TruthSettings
 from kd3.runs import atomic_write_json, atomic_write_text
 
 INDEX = "index.html"
@@ -38,7 +39,11 @@ td.num { text-align: right; font-variant-numeric: tabular-nums; } .note { color:
 .plots { display: grid; grid-template-columns: repeat(auto-fill, minmax(520px, 1fr)); gap: 8px; }
 figcaption { color: #666; font-size: 12px; }
 details { margin: 4px 0 12px; } td.url { font-family: monospace; font-size: 11px; word-break: break-all; }
+.warning { background: #fff3cd; border: 1px solid #e0b000; border-left: 6px solid #e0a000; padding: 6px 12px;
+           margin: 12px 0; } .warning ul { margin: 4px 0; }
 """
+#: tables shown above the plots (the rest follow them)
+_HEAD_TABLES = ("pool", "overview", "ground-truth")
 
 
 @dataclass
@@ -57,6 +62,7 @@ class InspectResult:
                 "plots": len(self.plots), "sheets": sum(s.path is not None for s in self.sheets),
                 "tiles": sum(len(s.tiles) for s in self.sheets),
                 "tiles_missing": sum(t.status != "ok" for s in self.sheets for t in s.tiles),
+                "ground_truth": self.summary.truth is not None, "warnings": len(self.summary.absorptions),
                 "index": str(self.index)}
 
 
@@ -113,19 +119,27 @@ def render_html(summary: RunSummary, out_dir: Path, plots: dict[str, Path], shee
     """The whole page as one string; links are relative to ``out_dir``."""
     out_dir = Path(out_dir)
     tabs = tables(summary, max_classes)
-    nav = [(t.anchor, t.title) for t in tabs[:2]] + [("plots", "Plots")] + [(t.anchor, t.title) for t in tabs[2:]]
+    head = [t for t in tabs if t.anchor in _HEAD_TABLES]
+    rest = [t for t in tabs if t.anchor not in _HEAD_TABLES]
+    nav = [(t.anchor, t.title) for t in head] + [("plots", "Plots")] + [(t.anchor, t.title) for t in rest]
     nav += [("sheets", "Contact sheets"), ("files", "Files")]
     now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     body = [f"<header><h1>kd3 selection report</h1><p class=\"meta\">run <code>{_esc(summary.run_dir)}</code> · "
             f"{len(summary.manifests)} manifest(s), {len(summary.class_names)} classes · generated {now} · "
             f"kd3 {_esc(__version__)}</p><nav>"
             + "".join(f'<a href="#{_esc(a)}">{_esc(t)}</a>' for a, t in nav) + "</nav></header>"]
-    body += [table_html(t) for t in tabs[:2]]
+    warnings = warning_lines(summary)
+    if warnings:
+        items = "".join(f"<li>{_esc(line.strip())}</li>" for line in warnings[1:])
+        body.append(f'<div class="warning" id="warnings"><p><b>{_esc(warnings[0])}</b></p><ul>{items}</ul></div>')
+    body += [table_html(t) for t in head]
+    if summary.truth_note:
+        body.append(f'<p class="note" id="ground-truth-note">{_esc(summary.truth_note)}</p>')
     figures = [f'<figure><a href="{_href(out_dir, p)}"><img src="{_href(out_dir, p)}" alt="{_esc(name)}"></a>'
                f"<figcaption>{_esc(name)}</figcaption></figure>" for name, p in plots.items()]
     body.append('<section id="plots"><h2>Plots</h2><div class="plots">'
                 + ("".join(figures) or '<p class="note">nothing to plot</p>') + "</div></section>")
-    body += [table_html(t) for t in tabs[2:]]
+    body += [table_html(t) for t in rest]
     shown = list(sheets)
     where = (f"from the <b>{_esc(sheet_manifest.name)}</b> manifest (<code>{_esc(sheet_manifest.path)}</code>), "
              f"ranked by <code>{_esc(summary.final.conf_column)}</code>, grouped by "
@@ -181,13 +195,18 @@ def check_links(index: Path) -> list[str]:
 # ---------------------------------------------------------------------------------------- build
 def build_report(run_dir: Path, out_dir: Path, top_n: int = 16, bottom_n: int = 8, rejected_n: int = 8,
                  max_classes: Optional[int] = None, thumbnail_size: int = 64, histogram_bins: int = 20,
-                 refs: Optional[Sequence[ManifestRef]] = None, train: str = TRAIN_DIR) -> InspectResult:
-    """Summaries, plots, contact sheets of the final manifest and ``index.html`` in ``out_dir``."""
+                 refs: Optional[Sequence[ManifestRef]] = None, train: str = TRAIN_DIR,
+                 truth: TruthSettings = DEFAULT_TRUTH) -> InspectResult:
+    """Summaries, plots, contact sheets of the final manifest and ``index.html`` in ``out_dir``.
+
+    ``truth`` says where the URL list keeps its ground truth (purity and recall tables, a plot)
+    and when one class counts as absorbing the distractors (the warning atop the page).
+    """
     from kd3.inspect import plots as P
 
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     refs = list(refs) if refs is not None else find_manifests(run_dir, train)
-    summary = summarize_run(run_dir, histogram_bins, refs, train)
+    summary = summarize_run(run_dir, histogram_bins, refs, train, truth)
     text = format_summary(summary, max_classes)
     atomic_write_text(out_dir / "summary.txt", text + "\n")
     atomic_write_json(out_dir / "summary.json", summary.to_dict())
@@ -198,6 +217,7 @@ def build_report(run_dir: Path, out_dir: Path, top_n: int = 16, bottom_n: int = 
         "class thresholds τ_k and α": P.plot_thresholds(summary, plot_dir / "thresholds.png", max_classes),
         "training curves": P.plot_training(summary.metrics, plot_dir / "training.png"),
         "confidence histogram": P.plot_confidence(summary, plot_dir / "confidence.png"),
+        "purity and in-domain recall (ground truth)": P.plot_ground_truth(summary, plot_dir / "purity.png"),
     }
     plots = {name: path for name, path in candidates.items() if path is not None}
     final_ref = next(r for r in refs if str(r.path) == summary.final.path)

@@ -6,6 +6,11 @@ stage; either is enough), ``RUN/train/metrics.jsonl``
 and the download/score meta files, and the images of the shown tiles from ``RUN/download/shards``.
 Writes ``RUN/inspect/``: ``index.html`` (open it from disk), ``summary.txt``, ``summary.json``,
 ``plots/*.png`` and ``sheets/class_KKK.png``. Settings: the ``inspect`` config section.
+
+Where the download's URL list carries ground truth (``inspect.ground_truth_column``, e.g. the demo's
+``source`` and ``demo_label``), each selection is scored against it (purity, in-domain recall, recall
+per true class); without it the stage says so in one line. A class absorbing the distractors is
+warned about at the top of the summary and the page, and again after the tables.
 """
 
 from __future__ import annotations
@@ -17,6 +22,8 @@ from kd3 import layout
 from kd3.config import PipelineConfig
 from kd3.inspect.manifests import SELECT_MANIFEST, TRAIN_DIR, find_manifests, listing_fingerprint
 from kd3.inspect.report import build_report
+from kd3.inspect.summary import warning_lines
+from kd3.inspect.truth import TruthSettings, url_list_path
 from kd3.runs import META_NAME, StageDir, require_complete, stage_input_fingerprint
 
 NAME = "inspect"
@@ -42,16 +49,28 @@ def check(cfg: PipelineConfig, run_dir: Path) -> dict[str, str]:
         inputs["train.selection"] = listing_fingerprint(epochs + ([metrics] if metrics.is_file() else []))
     if (run_dir / "download" / META_NAME).is_file():
         inputs["download"] = stage_input_fingerprint(run_dir, "download")
+    url_list = url_list_path(run_dir)
+    if cfg.inspect.ground_truth_column is not None and url_list.is_file():
+        inputs["ground_truth"] = listing_fingerprint([url_list])
     return inputs
+
+
+def truth_settings(cfg: PipelineConfig) -> TruthSettings:
+    """The ``inspect`` section's ground-truth and warning keys."""
+    i = cfg.inspect
+    return TruthSettings(i.ground_truth_column, i.in_domain_value, i.true_label_column, i.warn_class_share,
+                         i.warn_min_samples)
 
 
 def run(cfg: PipelineConfig, out: StageDir) -> dict[str, Any]:
     i = cfg.inspect
     result = build_report(out.run_dir, out.path, top_n=i.top_n, bottom_n=i.bottom_n, rejected_n=i.rejected_n,
                           max_classes=i.max_classes, thumbnail_size=i.thumbnail_size, histogram_bins=i.histogram_bins,
-                          train=_train_name(cfg))
+                          train=_train_name(cfg), truth=truth_settings(cfg))
     print(result.text)
     counts = result.counts
+    for line in warning_lines(result.summary):  # again after the tables, where it cannot scroll away
+        print(f"[{NAME}] {line}")
     if counts["tiles_missing"]:
         print(f"[{NAME}] warning: {counts['tiles_missing']} of {counts['tiles']} tiles have no image "
               f"(not in {out.run_dir / 'download' / 'shards'} or undecodable); they are grey on the sheets")
