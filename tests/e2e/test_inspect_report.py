@@ -17,7 +17,7 @@ from PIL import Image, ImageStat
 from kd3.cli import main
 from kd3.inspect.report import check_links, page_links
 
-from tests.unit.test_inspect_fixtures import build_run
+from tests.unit.test_inspect_fixtures import build_run, epoch_frame, url_list_frame, write_url_list
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIG = str(REPO / "pipelines" / "demo.yaml")
@@ -49,6 +49,7 @@ def test_report_links_every_plot_and_sheet_and_they_exist(report):
     page = index.read_text()
     assert "<script" not in page.lower()
     assert "http://example.invalid/4.png" in page  # sample URLs as text, never as links
+    assert 'class="warning"' not in page and "purity.png" not in page  # no URL list: no ground truth, no warning
 
 
 def test_stage_writes_meta_summary_and_ends_with_the_index_path(report):
@@ -93,6 +94,53 @@ def test_without_manifests_the_stage_says_what_to_run(tmp_path, capsys):
     assert _inspect(run) == 2
     assert "kd3 select" in capsys.readouterr().err
     assert not (run / "inspect").exists()
+
+
+def test_ground_truth_tables_plot_and_a_planted_warning(tmp_path, capsys):
+    run = build_run(tmp_path, url_list=True)
+    planted = epoch_frame(1)
+    planted["combined_label"] = planted["combined_label"].where(planted["uid"] != planted["uid"][3], 0)  # u3 → "zero"
+    planted.to_parquet(run / "train" / "selection" / "epoch_001.parquet", index=False)
+    assert _inspect(run, "inspect.warn_min_samples=2") == 0
+    out = capsys.readouterr().out
+    index = run / "inspect" / "index.html"
+    page = index.read_text()
+    # the warning: first in summary.txt, atop the page (before any table), and printed again after the tables
+    text = (run / "inspect" / "summary.txt").read_text()
+    assert text.startswith("WARNING: one class absorbs the distractors in 1 of 3 manifest(s)")
+    assert "epoch 1 (final): class 'zero' (combined_label) holds 100.0% of the selected distractors (2 of 2)" in text
+    assert page.index('class="warning"') < page.index("<section")
+    assert "[inspect] WARNING: one class absorbs the distractors" in out
+    assert out.index("[inspect] WARNING") > out.index("Confidence histogram")
+    assert out.splitlines()[-1] == str(index.resolve())
+    # the tables, the plot, the numbers
+    assert "Ground truth per manifest" in page and "In-domain recall per true class" in page
+    assert "plots/purity.png" in page_links(page) and check_links(index) == []
+    summary = json.loads((run / "inspect" / "summary.json").read_text())
+    e1 = summary["manifests"][2]["ground_truth"]
+    assert (e1["purity"], e1["in_domain_recall"], e1["distractors_per_class"]) == (0.5, 0.5, {"zero": 2, "one": 0,
+                                                                                              "two": 0})
+    assert summary["warnings"][0]["class"] == "zero" and summary["warnings"][0]["basis"] == "distractors"
+    meta = json.loads((run / "inspect" / "meta.json").read_text())
+    assert "ground_truth" in meta["inputs"] and meta["counts"]["warnings"] == 1
+    # a changed URL list is a changed input
+    write_url_list(run, url_list_frame().assign(source="natural"))
+    assert _inspect(run, "inspect.warn_min_samples=2", "--resume") == 2
+    assert "ground_truth" in capsys.readouterr().err
+
+
+def test_url_list_without_ground_truth_is_one_line_and_no_tables(tmp_path, capsys):
+    run = build_run(tmp_path, url_list=True)
+    write_url_list(run, url_list_frame()[["url", "uid"]])  # a crawl of one's own: no source, no demo_label
+    assert _inspect(run) == 0
+    out = capsys.readouterr().out
+    said = [line for line in out.splitlines() if "ground truth" in line]
+    assert len(said) == 1 and "has no 'source' column" in said[0] and "skipped" in said[0]
+    page = (run / "inspect" / "index.html").read_text()
+    assert "has no &#x27;source&#x27; column" in page
+    assert "Ground truth per manifest" not in page and "purity.png" not in page and 'class="warning"' not in page
+    summary = json.loads((run / "inspect" / "summary.json").read_text())
+    assert summary["ground_truth"]["available"] is False and summary["warnings"] == []
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed (apt-get install -y chromium); "
