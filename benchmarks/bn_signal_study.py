@@ -130,8 +130,9 @@ def main(argv: list[str] | None = None) -> int:
         v = values.double().numpy()
         rows.append({"signal": name, "auroc": float(roc_auc_score(positive, v)),
                      **{f"purity@{int(q * 100)}%": purity(v, positive, q) for q in QUANTILES}})
+    by_source = ", ".join(f"{k} {v}" for k, v in frame["source"].value_counts().items())
     print(f"run {run_dir}: {len(frame)} scored samples, {int(positive.sum())} in-domain (source mnist), "
-          f"{int((~positive).sum())} other ({', '.join(f'{k} {v}' for k, v in frame['source'].value_counts().items())}); "
+          f"{int((~positive).sum())} other ({by_source}); "
           f"teacher {meta.arch} {meta.input.channels}x{meta.input.image_size}px, {len(layers)} BatchNorm2d layers; "
           f"max |recomputed - cached logits| {drift:.2e}")
     print(f"purity of the whole pool (chance): {positive.mean():.3f}; AUROC chance 0.5; higher = better\n")
