@@ -27,22 +27,24 @@ import numpy as np
 import pandas as pd
 import torch
 
+from kd3 import layout
 from kd3.data.images import normalize
 from kd3.data.manifest import url_uid
 from kd3.data.shards import ShardImages, image_loader, list_shards
 from kd3.methods.ood import batchnorm_layers, bn_scores, combine_layers, energy, max_softmax
 from kd3.models import load_model
-from kd3.stages.score import load_teacher_outputs
+from kd3.data.score_cache import load_teacher_outputs
 
 QUANTILES = (0.25, 0.5, 0.75)
 
 
 def ground_truth(run_dir: Path) -> pd.DataFrame:
     """uid, url, source, demo_label of every URL in the download's list; checks uid = url_uid(url)."""
-    urls = pd.read_parquet(run_dir / "download" / "url_list.parquet")
+    path = run_dir / layout.DOWNLOAD / layout.URL_LIST
+    urls = pd.read_parquet(path)
     missing = {"uid", "url", "source"} - set(urls.columns)
     if missing:
-        sys.exit(f"{run_dir / 'download' / 'url_list.parquet'} lacks columns {sorted(missing)} (a demo URL list?)")
+        sys.exit(f"{path} lacks columns {sorted(missing)} (a demo URL list?)")
     recomputed = urls["url"].map(url_uid)
     if not (recomputed == urls["uid"]).all():
         sys.exit("uid in the download's URL list is not url_uid(url) of the template URL")
@@ -92,14 +94,14 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     run_dir = args.run_dir
     truth = ground_truth(run_dir)
-    cache = load_teacher_outputs(run_dir)
+    cache = load_teacher_outputs(run_dir, "bn_signal_study")
     frame = cache.frame.merge(truth[["uid", "source", "demo_label"]], on="uid", how="left", validate="one_to_one")
     if frame["source"].isna().any():
         sys.exit(f"{int(frame['source'].isna().sum())} scored uids are not in the URL list")
     positive = (frame["source"] == "mnist").to_numpy()
-    model, meta, _ = load_model(run_dir / "demo-data" / "teacher.pt")
+    model, meta, _ = load_model(run_dir / layout.DEMO_DATA / "teacher.pt")
     model.eval()
-    terms, logits, layers = pool_bn_terms(model, meta, list_shards(run_dir / "download"), cache.uid_to_row,
+    terms, logits, layers = pool_bn_terms(model, meta, list_shards(run_dir / layout.DOWNLOAD), cache.uid_to_row,
                                           args.batch_size)
     drift = (logits - cache.logits).abs().max().item()
     half = len(layers) // 2
