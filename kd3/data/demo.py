@@ -10,7 +10,7 @@ from __future__ import annotations
 import io
 import math
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 import pandas as pd
@@ -18,6 +18,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torchvision.transforms.v2 import functional as TF
+
+if TYPE_CHECKING:
+    from kd3.config import DigitShift
 
 #: placeholder the download stage replaces with the loopback server's port
 PORT_PLACEHOLDER = "{port}"
@@ -100,13 +103,13 @@ def _hue_color(hue: float, saturation: float) -> np.ndarray:
     return 1.0 - saturation * np.clip(np.minimum(k, 4.0 - k), 0.0, 1.0)
 
 
-def shift_digit(digit: np.ndarray, shift: Any, rng: np.random.Generator) -> np.ndarray:
+def shift_digit(digit: np.ndarray, shift: DigitShift, rng: np.random.Generator) -> np.ndarray:
     """One MNIST digit (uint8 [28, 28], ink bright on black) → a shifted image, drawing its own values.
 
-    ``shift`` is a :class:`kd3.config.DigitShift`. Steps, in order: stroke (grey dilation +k or
-    erosion -k with a (k+1)² window: strokes widen / narrow by k pixels), size ``scale`` × canvas at a uniform position where the
-    digit fits, Gaussian blur, intensity = background + contrast × ink (clipped at 1), then a
-    colour of uniform hue and saturation ``tint`` multiplying every pixel. Returns uint8 [C, C]
+    Steps, in order: stroke (grey dilation +k or erosion -k with a (k+1)² window: strokes widen /
+    narrow by k pixels), size ``scale`` × canvas at a uniform position where the digit fits,
+    Gaussian blur, intensity = background + contrast × ink (clipped at 1), then a colour of
+    uniform hue and saturation ``tint`` multiplying every pixel. Returns uint8 [C, C]
     (grey) or [C, C, 3] (RGB, when ``tint`` allows a saturation > 0), C = ``shift.canvas``.
     Always draws the same number of values from ``rng`` per digit, so digit i's shift does not
     depend on how the others turned out.
@@ -141,7 +144,7 @@ def shift_digit(digit: np.ndarray, shift: Any, rng: np.random.Generator) -> np.n
     return np.round(frame * 255.0).astype(np.uint8)
 
 
-def shift_digits(digits: np.ndarray, shift: Any, rng: np.random.Generator) -> np.ndarray:
+def shift_digits(digits: np.ndarray, shift: DigitShift, rng: np.random.Generator) -> np.ndarray:
     """:func:`shift_digit` over uint8 [N, 28, 28] → uint8 [N, C, C] or [N, C, C, 3]."""
     canvas = shift.canvas
     shape = (0, canvas, canvas) + ((3,) if shift.tint[1] > 0 else ())
@@ -157,14 +160,14 @@ def _png_bytes(array: np.ndarray) -> bytes:
 
 
 def write_web_pool(root: Path, n_mnist: int, n_crops: int, broken: bool, seed: int,
-                   shift: Any = None) -> tuple[pd.DataFrame, dict]:
+                   shift: DigitShift | None = None) -> tuple[pd.DataFrame, dict]:
     """Write the web pool's files under ``root`` and return the URL list (url, source, demo_label).
 
     URLs are ``http://127.0.0.1:{port}/<file>``: the download stage serves ``root`` on a free
     loopback port and fills in ``{port}``. ``demo_label`` is the true digit for MNIST files and -1
     otherwise; it is never used for training, only to analyse the selection.
     Returns the URL list and the held-out MNIST digits (not in the pool) for a shifted-domain test.
-    With ``shift`` (a :class:`kd3.config.DigitShift`) every MNIST digit, in the pool and held out,
+    With ``shift`` every MNIST digit, in the pool and held out,
     is shifted by :func:`shift_digit` with values drawn from an RNG seeded by ``seed`` alone (the
     digits, the crops and the broken files are drawn exactly as without it).
     """

@@ -17,7 +17,8 @@ restored afterwards. A layer the forward calls more than once gets the mean of i
 Fallback: a model without ``BatchNorm2d`` layers (with running statistics) carries no summary of
 its training data; :func:`bn_scores` raises :class:`NoBatchNormError` and :func:`bn_scores_or_none`
 returns None. Use :func:`energy` (or :func:`max_softmax`) of the logits instead, knowing that on
-web pools confidence can be inverted (demo pool: AUROC 0.156 / 0.137 for "is a digit").
+web pools confidence can be inverted (AUROC for "is a digit" below 0.5 on the demo and hard pools,
+against about 0.93 for the BN mean term; ``benchmarks/bn_signal_study.py``).
 """
 
 from __future__ import annotations

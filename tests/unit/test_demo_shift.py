@@ -1,11 +1,14 @@
 """The hard scenario's per-digit shifts (kd3/data/demo.py) and its config keys, on hand-made images."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
-from kd3.config import DemoDataSection, DigitShift
+from kd3.config import DemoDataSection, DigitShift, load_config
 from kd3.data.demo import _hue_color, private_digits, shift_digit, shift_digits
 
+PIPELINES = Path(__file__).resolve().parents[2] / "pipelines"
 BAR = np.zeros((28, 28), np.uint8)
 BAR[10:18, 12:15] = 255  # a vertical stroke 3 px wide, 8 px tall
 
@@ -76,3 +79,8 @@ def test_config_rejects_bad_ranges():
     with pytest.raises(ValidationError, match="private_color"):
         DemoDataSection(private_color=[0, 10, 10])
     assert DemoDataSection().web_shift is None and DemoDataSection().channels == 1
+
+
+@pytest.mark.parametrize("path", sorted(PIPELINES.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_pipeline_file_validates(path):
+    load_config(path)
