@@ -38,7 +38,7 @@ demo: $(STAMP) ## run the whole pipeline on the embedded demo (CPU, minutes)
 	$(KD3) score --config $(CONFIG) --run-dir $(RUN) --resume $(ARGS)
 	$(KD3) select --config $(CONFIG) --run-dir $(RUN) --resume $(ARGS)
 	$(KD3) train --config $(CONFIG) --run-dir $(RUN) --resume $(ARGS)
-	$(KD3) train --config $(CONFIG) --run-dir $(RUN) --resume train.objective=kd train.selector=teacher_confidence train.output=train-kd $(ARGS)
+	$(KD3) train --config $(CONFIG) --run-dir $(RUN) --resume train.objective=kd train.selector=all train.output=train-kd $(ARGS)
 	$(KD3) average --config $(CONFIG) --run-dir $(RUN) --resume $(ARGS)
 	$(KD3) evaluate --config $(CONFIG) --run-dir $(RUN) --resume $(ARGS)
 	$(KD3) inspect --config $(CONFIG) --run-dir $(RUN) --resume $(ARGS)
@@ -70,8 +70,8 @@ select: $(STAMP) ## selection manifest
 train: $(STAMP) ## train the student (checkpoint + metrics per epoch)
 	$(KD3) train --config $(CONFIG) --run-dir $(RUN) $(ARGS)
 
-train-kd: $(STAMP) ## train the plain-KD baseline into RUN/train-kd
-	$(KD3) train --config $(CONFIG) --run-dir $(RUN) train.objective=kd train.selector=teacher_confidence train.output=train-kd $(ARGS)
+train-kd: $(STAMP) ## train the plain-KD baseline (whole pool) into RUN/train-kd
+	$(KD3) train --config $(CONFIG) --run-dir $(RUN) train.objective=kd train.selector=all train.output=train-kd $(ARGS)
 
 average: $(STAMP) ## write the WAKD / SMA / SWAD averages kept by train as student checkpoints
 	$(KD3) average --config $(CONFIG) --run-dir $(RUN) $(ARGS)

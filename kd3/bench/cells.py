@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 import numpy as np
-import pandas as pd
 import torch
 import torch.nn.functional as F
 
@@ -27,8 +26,11 @@ from kd3.bench.spec import BenchSpec, Method, Scenario
 from kd3.config import PipelineConfig, load_config, resolve_path
 from kd3.data import eval_sets
 from kd3.data.images import as_nchw_uint8, prepare_uint8
-from kd3.errors import Kd3Error
+from kd3.errors import Kd3Error, RunFolderError
 from kd3.inference import batch_logits
+from kd3.inspect.manifests import epoch_manifests
+from kd3.inspect.summary import summarize_manifest
+from kd3.inspect.truth import GroundTruth, TruthSettings, load_ground_truth
 from kd3.methods.fidelity import fidelity_report, topk_accuracy
 from kd3.models import build_model, load_model, save_checkpoint
 from kd3.models.spec import ModelMeta
@@ -52,7 +54,7 @@ class ScenarioRun:
     device: torch.device
     datasets: dict[str, tuple[list[Any], torch.Tensor]] = field(default_factory=dict)
     teacher_logits: dict[str, torch.Tensor] = field(default_factory=dict)
-    ground_truth: Optional[pd.DataFrame] = None
+    ground_truth: Optional[GroundTruth] = None
 
     def config(self, extra: list[str] = ()) -> PipelineConfig:
         return load_config(self.scenario.config, [*self.overrides, *extra])
@@ -87,13 +89,11 @@ def scenario_run(spec: BenchSpec, name: str, runs_dir: Path, quick: bool, device
         if getattr(scenario, key) not in sr.datasets:
             raise Kd3Error(f"scenario {name}: {key} {getattr(scenario, key)!r} is not among the pipeline's "
                            f"evaluate.datasets ({', '.join(sr.datasets)})")
-    urls = pd.read_parquet(run_dir / layout.DOWNLOAD / layout.URL_LIST)
-    missing = [c for c in (scenario.in_domain_column, scenario.label_column) if c not in urls.columns]
-    if missing:
-        raise Kd3Error(f"scenario {name}: the URL list has no ground-truth column(s) {missing}")
-    sr.ground_truth = pd.DataFrame({"uid": urls["uid"],
-                                    "in_domain": urls[scenario.in_domain_column].astype(str) == scenario.in_domain_value,
-                                    "label": urls[scenario.label_column]})
+    settings = TruthSettings(column=scenario.in_domain_column, in_domain_value=scenario.in_domain_value,
+                             label_column=scenario.label_column)
+    sr.ground_truth, note = load_ground_truth(run_dir, settings, teacher_meta.class_names)
+    if sr.ground_truth is None or sr.ground_truth.true_label is None:
+        raise Kd3Error(f"scenario {name}: {note}")
     return sr
 
 
@@ -119,29 +119,41 @@ def private_top1(sr: ScenarioRun, path: Path) -> float:
 
 
 def selection_stats(sr: ScenarioRun, train_dir: Path, num_classes: int) -> list[dict[str, Any]]:
-    """Per epoch: selection size, purity (in-domain share of the selected) and in-domain recall per
-    true class, from the selection manifests joined with the scenario's ground truth."""
+    """Per epoch: selection size, purity (in-domain share of the selected), in-domain recall and
+    recall per true class — the selection manifests against the pool's ground truth, computed by
+    the inspect stage's own streaming summary (one definition of purity and recall)."""
     stats = []
-    for path in sorted(layout.selection_dir(train_dir).glob("epoch_*.parquet")):
-        frame = pd.read_parquet(path, columns=["uid", "selected"]).merge(sr.ground_truth, on="uid", how="left")
-        chosen = frame["selected"].to_numpy()
-        in_domain = frame["in_domain"].fillna(False).to_numpy(bool)
-        recall = {}
-        for k in range(num_classes):
-            of_class = in_domain & (frame["label"].to_numpy() == k)
-            recall[str(k)] = float(chosen[of_class].mean()) if of_class.any() else None
-        stats.append({"selected": int(chosen.sum()),
-                      "purity": float(in_domain[chosen].mean()) if chosen.any() else None,
-                      "in_domain_recall": float(chosen[in_domain].mean()) if in_domain.any() else None,
-                      "recall_per_class": recall})
+    for ref in epoch_manifests(sr.run_dir, train_dir.name):
+        manifest, _ = summarize_manifest(ref, num_classes, truth=sr.ground_truth)
+        truth = manifest.truth
+        per_class = truth.class_recall if truth is not None else None
+        stats.append({"selected": int(manifest.selected),
+                      "purity": None if truth is None else truth.purity,
+                      "in_domain_recall": None if truth is None else truth.recall,
+                      "recall_per_class": None if per_class is None else
+                      {str(k): (None if np.isnan(v) else float(v)) for k, v in enumerate(per_class)}})
     return stats
 
 
 def cell_key(spec: BenchSpec, sr: ScenarioRun, method: Method, overrides: list[str]) -> str:
-    """Settings fingerprint of a cell: a cached result is reused only for the same settings."""
-    payload = json.dumps({"overrides": sr.overrides, "method": method.model_dump(exclude={"description"}), "cell": overrides,
-                          "averaging": spec.averaging_mode}, sort_keys=True)
+    """Settings fingerprint of a cell: the resolved training config (pipeline YAML + recipe + method,
+    as the train stage fingerprints it), the upstream overrides and the method's own settings. A
+    cached result is reused only for the same settings, also when the pipeline YAML changed."""
+    cfg = sr.config(overrides)
+    payload = json.dumps({"overrides": sr.overrides, "method": method.model_dump(exclude={"description"}),
+                          "cell": overrides, "averaging": spec.averaging_mode,
+                          "train": cfg.fingerprint(*STAGES["train"].sections(cfg))}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def _execute(stage: str, cfg: PipelineConfig, run_dir: Path, argv: list[str], log: Callable[[str], None]) -> None:
+    """Run a stage, continuing or reusing its folder; a folder written with other settings (the
+    cell's settings changed since) is redone."""
+    try:
+        execute(STAGES[stage], cfg, run_dir, "resume", argv=argv)
+    except RunFolderError as exc:
+        log(f"[bench] {exc}: redoing it")
+        execute(STAGES[stage], cfg, run_dir, "overwrite", argv=argv)
 
 
 def run_cell(spec: BenchSpec, sr: ScenarioRun, name: str, seed: int, results: dict[tuple[str, int], dict],
@@ -166,7 +178,7 @@ def run_cell(spec: BenchSpec, sr: ScenarioRun, name: str, seed: int, results: di
     if method.reference == "private_data":
         result = _private_data_cell(sr, seed, output, overrides)
     else:
-        result = _distillation_cell(sr, output, overrides)
+        result = _distillation_cell(sr, output, overrides, log)
     result.update(method=name, seed=seed, key=key, cell_seconds=round(time.monotonic() - started, 1))
     atomic_write_json(result_path, result)
     private = result["last"][sr.scenario.private_dataset]["top1"]
@@ -174,11 +186,11 @@ def run_cell(spec: BenchSpec, sr: ScenarioRun, name: str, seed: int, results: di
     return result
 
 
-def _distillation_cell(sr: ScenarioRun, output: str, overrides: list[str]) -> dict[str, Any]:
+def _distillation_cell(sr: ScenarioRun, output: str, overrides: list[str], log: Callable[[str], None]) -> dict[str, Any]:
     cfg = sr.config(overrides)
     run_dir = sr.run_dir
-    execute(STAGES["train"], cfg, run_dir, "resume", argv=["kd3 bench", "train", *overrides])
-    execute(STAGES["average"], cfg, run_dir, "resume", argv=["kd3 bench", "average", *overrides])
+    _execute("train", cfg, run_dir, ["kd3 bench", "train", *overrides], log)
+    _execute("average", cfg, run_dir, ["kd3 bench", "average", *overrides], log)
     train_dir = run_dir / output
     average_dir = run_dir / STAGES["average"].output_name(cfg)
     meta = read_meta(train_dir)

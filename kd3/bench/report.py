@@ -46,6 +46,9 @@ def summarise(spec: BenchSpec, scenario: str, private: str, shifted: str,
             "purity": [c["mean_purity"] for c in done],
             "seconds": [c["train_seconds"] for c in done],
             "curves": [c["private_top1_per_epoch"] for c in done],
+            "purity_per_epoch": [[e["purity"] for e in c["selection"]] for c in done],
+            "recall_per_epoch": [[e["in_domain_recall"] for e in c["selection"]] for c in done],
+            "final_class_recall": [c["selection"][-1]["recall_per_class"] for c in done if c["selection"]],
             "failed": [f"seed {c['seed']}: {c['error']}" for c in failed],
         }
     return rows
@@ -54,7 +57,7 @@ def summarise(spec: BenchSpec, scenario: str, private: str, shifted: str,
 def verdict(spec: BenchSpec, rows: dict[str, dict[str, Any]]) -> list[str]:
     """The default's margin over every data-free baseline and the share of the KD-all → ceiling gap it closes."""
     default = rows.get(spec.default_method)
-    if not default or not default["private"]:
+    if not spec.verdict or not default or not default["private"]:
         return []
     d_mean = _mean_std(default["private"])[0]
     baselines = {m: _mean_std(r["private"])[0] for m, r in rows.items()
@@ -109,6 +112,10 @@ def curves_plot(path: Path, scenario: str, rows: dict[str, dict[str, Any]]) -> P
     fig = Figure(figsize=(9, 5))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(111)
+    import matplotlib
+
+    colors = matplotlib.colormaps["tab20"].colors  # more methods than the default 10-colour cycle
+    ax.set_prop_cycle(color=colors[::2] + colors[1::2])
     for name, r in rows.items():
         curves = [c for c in r["curves"] if c]
         if not curves:
@@ -139,3 +146,46 @@ def write_section(path: Path, body: str) -> None:
         text = text.rstrip() + "\n\n" + section + "\n"
     with atomic_path(path) as tmp:
         tmp.write_text(text)
+
+
+def _epoch_means(series: list[list[Optional[float]]]) -> list[Optional[float]]:
+    """Mean over seeds of per-epoch values (None where no seed has a value)."""
+    if not series:
+        return []
+    length = min(len(s) for s in series)
+    out = []
+    for e in range(length):
+        values = [s[e] for s in series if s[e] is not None]
+        out.append(float(np.mean(values)) if values else None)
+    return out
+
+
+def selection_tables(rows: dict[str, dict[str, Any]]) -> str:
+    """Per epoch, mean over seeds: purity and in-domain recall of each method's selection; and the
+    last epoch's recall per true class."""
+    methods = [m for m, r in rows.items() if any(r["purity_per_epoch"])]
+    if not methods:
+        return ""
+    epochs = min(len(_epoch_means(rows[m]["purity_per_epoch"])) for m in methods)
+    head = "| method | " + " | ".join(f"e{e + 1}" for e in range(epochs)) + " |"
+    out = ["Selection purity per epoch (share of in-domain images among the selected; mean over seeds) / "
+           "in-domain recall (share of the pool's in-domain images selected):", "", head,
+           "|" + "---|" * (epochs + 1)]
+    for m in methods:
+        purity = _epoch_means(rows[m]["purity_per_epoch"])
+        recall = _epoch_means(rows[m]["recall_per_epoch"])
+        cells = [("—" if p is None else f"{p:.2f}") + " / " + ("—" if r is None else f"{r:.2f}")
+                 for p, r in zip(purity[:epochs], recall[:epochs])]
+        out.append(f"| {m} | " + " | ".join(cells) + " |")
+    finals = {m: rows[m]["final_class_recall"] for m in methods if rows[m]["final_class_recall"]}
+    if finals:
+        classes = sorted({k for per_seed in finals.values() for r in per_seed if r for k in r}, key=int)
+        out += ["", "In-domain recall per true class in the last epoch (mean over seeds):", "",
+                "| method | " + " | ".join(classes) + " |", "|" + "---|" * (len(classes) + 1)]
+        for m, per_seed in finals.items():
+            cells = []
+            for k in classes:
+                values = [r[k] for r in per_seed if r and r.get(k) is not None]
+                cells.append(f"{np.mean(values):.2f}" if values else "—")
+            out.append(f"| {m} | " + " | ".join(cells) + " |")
+    return "\n".join(out)

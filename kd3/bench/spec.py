@@ -58,6 +58,8 @@ class BenchSpec(Params):
     reference_method: str = "kd-all"
     #: the configuration the pipelines train by default (make demo); marked in the tables
     default_method: str = "default"
+    #: print the default's margin over the data-free baselines (off for studies such as the recipe's)
+    verdict: bool = True
     scenarios: dict[str, Scenario]
     methods: dict[str, Method]
     quick: Quick = Field(default_factory=Quick)

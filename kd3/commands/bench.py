@@ -108,6 +108,7 @@ def main(args: argparse.Namespace) -> int:
                      f"Headline: `{sr.scenario.private_dataset}` (private test split) and "
                      f"`{sr.scenario.shifted_dataset}` (shifted domain).", "",
                      report.table(spec, rows), "", *report.verdict(spec, rows), "",
+                     report.selection_tables(rows), "",
                      "Methods: " + "; ".join(f"`{m}` = {spec.methods[m].description or ' '.join(spec.methods[m].overrides)}"
                                              for m in methods), "",
                      f"![accuracy per epoch]({Path(plot).relative_to(output.parent) if output.parent in Path(plot).parents else plot})",

@@ -260,6 +260,9 @@ def _bn_signal(inputs: SelectionInputs, layers: Optional[list[int]]) -> torch.Te
 
 
 class BnQuantileParams(Params):
+    #: a teacher without BatchNorm has no BN score: "all" trains on every sample instead (confidence
+    #: rankings are inverted on web pools, so no selection beats a wrong one), "error" refuses
+    fallback: Literal["all", "error"] = "all"
     #: keep this share of the pool: the samples with the lowest BN score
     fraction: float = Field(default=0.5, gt=0, le=1)
     #: take the share within each teacher class (keeps every class represented)
@@ -287,6 +290,9 @@ def select_bn_quantile(inputs: SelectionInputs, params: BnQuantileParams) -> Sel
 
 
 class BnSoftParams(Params):
+    #: a teacher without BatchNorm has no BN score: "all" trains on every sample instead (confidence
+    #: rankings are inverted on web pools, so no selection beats a wrong one), "error" refuses
+    fallback: Literal["all", "error"] = "all"
     #: the BN-score quantile where a sample's keep probability is 1/2
     fraction: float = Field(default=0.5, gt=0, lt=1)
     #: width of the logistic in units of the scores' inter-quartile range (smaller = harder cut)

@@ -17,7 +17,7 @@ from kd3.data.score_cache import TeacherOutputs
 from kd3.errors import Kd3Error
 from kd3.inference import pool_logits
 from kd3.methods.selection import SelectionResult
-from kd3.methods.selectors import SelectionInputs, Selector, run_selector
+from kd3.methods.selectors import SELECTORS, SelectionInputs, Selector, run_selector
 from kd3.models.spec import InputSpec
 from kd3.params import Params
 
@@ -50,9 +50,13 @@ class SelectedPool:
         self.seed = seed
         self.batch_size, self.num_workers, self.device = batch_size, num_workers, device
         if selector.needs_bn and scores.bn_score is None:
-            raise Kd3Error(f"train.selector {selector.name} needs the teacher's BatchNorm in-domain score, and the "
-                           "score cache has none (the teacher has no BatchNorm2d layer); use teacher_confidence, "
-                           "dfnd_topk, random or all")
+            if getattr(params, "fallback", "error") != "all":
+                raise Kd3Error(f"train.selector {selector.name} needs the teacher's BatchNorm in-domain score, and "
+                               "the score cache has none (the teacher has no BatchNorm2d layer); use "
+                               f"selectors.{selector.name}.fallback=all, or teacher_confidence, dfnd_topk, random, all")
+            print(f"[train] note: the teacher has no BatchNorm2d layer, so {selector.name} has no in-domain score: "
+                  f"training on every sample instead (selectors.{selector.name}.fallback=all)")
+            self.selector, self.params = SELECTORS.get("all"), SELECTORS.get("all").params()
 
     @property
     def needs_student(self) -> bool:

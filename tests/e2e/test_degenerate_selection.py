@@ -19,7 +19,8 @@ def test_a_selection_where_nothing_passes_stops_the_run_unless_allowed(toy_run, 
         shutil.copytree(run_dir / stage, tmp_path / stage)
     # θ = 1: no confidence is strictly above 1, so every class threshold is 1 and nothing passes
     args = ["train", "--config", str(DEMO_CONFIG), "--run-dir", str(tmp_path), *overrides, "train.epochs=1",
-            "selectors.kd3_dynamic.threshold=1.0", "averaging.modes=[]", "train.min_selected_fraction=0.01"]
+            "train.selector=kd3_dynamic", "selectors.kd3_dynamic.threshold=1.0", "averaging.modes=[]",
+            "train.min_selected_fraction=0.01"]
     assert main(args) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "nothing passed" in err and "train.min_selected_fraction" in err

@@ -14,7 +14,9 @@ from kd3.cli import main
 from tests.conftest import DEMO_CONFIG
 
 pytestmark = pytest.mark.slow
-KD3 = ["train.objective=kd3", "train.selector=kd3_dynamic", "train.epochs=3", "selectors.kd3_dynamic.threshold=0.5"]
+# the paper's loss parts (the pipelines switch the teacher-side contrastive term off by default)
+KD3 = ["train.objective=kd3", "train.selector=kd3_dynamic", "train.epochs=3", "selectors.kd3_dynamic.threshold=0.5",
+       "kd3.teacher_contrastive=on"]
 
 
 def upstream_copy(toy_run, dest):

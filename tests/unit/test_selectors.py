@@ -135,3 +135,23 @@ def test_bn_soft_draws_with_the_logistic_probability_of_the_score():
     assert floor.mask.all()
     other_epoch = [run("bn_soft", params, bn_score=BN, epoch=e, seed=2).mask.tolist() for e in range(8)]
     assert len({tuple(m) for m in other_epoch}) > 1  # a new draw every epoch
+
+
+def test_bn_selectors_fall_back_to_every_sample_for_a_teacher_without_batchnorm(capsys):
+    import pandas as pd
+
+    from kd3.data.score_cache import TeacherOutputs
+    from kd3.errors import Kd3Error
+    from kd3.methods.selectors import BnSoftParams
+    from kd3.models.spec import InputSpec, ModelMeta
+    from kd3.training.sources import SelectedPool
+
+    meta = ModelMeta(arch="x", options={}, num_classes=2, class_names=["0", "1"],
+                     input=InputSpec(image_size=8, channels=1, mean=(0.0,), std=(1.0,)))
+    scores = TeacherOutputs(frame=pd.DataFrame({"uid": ["a", "b", "c", "d"]}), logits=TEACHER,
+                            features=torch.zeros(4, 3), teacher=meta)  # no bn_score: no BatchNorm
+    pool = SelectedPool(SELECTORS.get("bn_soft"), BnSoftParams(), scores, [], None, 0, 8, 0, torch.device("cpu"))
+    assert pool.selector.name == "all" and "fallback=all" in capsys.readouterr().out
+    with pytest.raises(Kd3Error, match="no BatchNorm2d"):
+        SelectedPool(SELECTORS.get("bn_soft"), BnSoftParams(fallback="error"), scores, [], None, 0, 8, 0,
+                     torch.device("cpu"))

@@ -1,0 +1,44 @@
+"""The benchmark's spec stays true to the pipelines: its default method is what they train by default."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from kd3.bench.spec import load_spec
+from kd3.config import load_config
+from kd3.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[2]
+SPEC = REPO / "benchmarks" / "quality.yaml"
+
+
+@pytest.mark.parametrize("scenario", ["demo", "hard"])
+def test_the_default_method_is_what_the_pipeline_trains_by_default(scenario):
+    spec = load_spec(SPEC)
+    config = REPO / spec.scenarios[scenario].config
+    method = spec.methods[spec.default_method]
+    by_default = load_config(config, spec.recipe)
+    as_benchmarked = load_config(config, [*spec.recipe, *method.overrides])
+    for section in ("train", "kd3", "selectors"):
+        assert by_default.section(section) == as_benchmarked.section(section), section
+    # and the pipeline's own recipe keys equal the benchmark's (what `make demo` runs without overrides)
+    plain = load_config(config)
+    for key in ("epochs", "lr", "batch_size", "scheduler"):
+        assert getattr(plain.train, key) == getattr(by_default.train, key), key
+
+
+def test_every_method_and_scenario_config_is_valid():
+    spec = load_spec(SPEC)
+    for scenario in spec.scenarios.values():
+        for method in spec.methods.values():
+            load_config(REPO / scenario.config, [*spec.recipe, *method.overrides])
+
+
+def test_spec_errors_name_the_key(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("scenarios: {d: {config: x.yaml}}\nmethods: {a: {random_size_from: nope}}\n"
+                   "reference_method: a\ndefault_method: a\n")
+    with pytest.raises(ConfigError, match="random_size_from"):
+        load_spec(bad)
