@@ -35,7 +35,7 @@ from kd3.methods.fidelity import fidelity_report, topk_accuracy
 from kd3.models import build_model, load_model, save_checkpoint
 from kd3.models.spec import ModelMeta
 from kd3.runs import atomic_write_json, read_meta
-from kd3.runtime import configure, seed_everything
+from kd3.runtime import configure
 from kd3.stages import STAGES
 from kd3.stages.base import execute
 
@@ -221,8 +221,7 @@ def _private_data_cell(sr: ScenarioRun, seed: int, output: str, overrides: list[
         images, labels = as_nchw_uint8(data["images"]), torch.from_numpy(data["labels"].astype(np.int64))
     score_meta = ModelMeta.from_dict(read_meta(sr.run_dir / layout.SCORE)["teacher"])
     spec = score_meta.input
-    device = configure(cfg.run)
-    seed_everything(seed)
+    device = configure(cfg.run)  # seeds everything with run.seed = this cell's seed
     model = build_model(t.student.arch, score_meta.num_classes, spec.channels, t.student.options).to(device)
     student_meta = ModelMeta(arch=t.student.arch, options=t.student.options, num_classes=score_meta.num_classes,
                              class_names=score_meta.class_names, input=spec)

@@ -60,8 +60,10 @@ def verdict(spec: BenchSpec, rows: dict[str, dict[str, Any]]) -> list[str]:
     if not spec.verdict or not default or not default["private"]:
         return []
     d_mean = _mean_std(default["private"])[0]
-    baselines = {m: _mean_std(r["private"])[0] for m, r in rows.items()
-                 if m != spec.default_method and r["private"] and spec.methods[m].reference is None}
+    others = {m: _mean_std(r["private"])[0] for m, r in rows.items()
+              if m != spec.default_method and r["private"] and spec.methods[m].reference is None}
+    baselines = {m: v for m, v in others.items() if spec.methods[m].baseline}
+    variants = {m: v for m, v in others.items() if not spec.methods[m].baseline}
     lines = []
     if baselines:
         best = max(baselines, key=baselines.get)
@@ -69,6 +71,10 @@ def verdict(spec: BenchSpec, rows: dict[str, dict[str, Any]]) -> list[str]:
         lines.append(f"Default (`{spec.default_method}`) private top-1 {d_mean:.3f}; best data-free baseline "
                      f"`{best}` {baselines[best]:.3f}: margin {margin * 100:+.1f} points "
                      f"({'meets' if margin >= 0.03 else 'misses'} the ≥ 3-point target).")
+    if variants:
+        best = max(variants, key=variants.get)
+        lines.append(f"Best tuning variant of the default (not a baseline): `{best}` {variants[best]:.3f} "
+                     f"({(d_mean - variants[best]) * 100:+.1f} points for the default).")
     ceiling = [r for m, r in rows.items() if spec.methods[m].reference == "private_data" and r["private"]]
     reference = rows.get(spec.reference_method)
     if ceiling and reference and reference["private"]:

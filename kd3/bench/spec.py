@@ -40,6 +40,9 @@ class Method(Params):
     #: "private_data": the student trained with labels on the teacher's own training data — the
     #: ceiling, not a data-free baseline
     reference: Optional[Literal["private_data"]] = None
+    #: whether the default must beat this method (false for tuning variants of the default itself,
+    #: which are shown in the tables and named in the verdict, but are not baselines)
+    baseline: bool = True
 
 
 class Quick(Params):

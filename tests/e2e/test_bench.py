@@ -21,7 +21,7 @@ def test_quick_benchmark_writes_tables_plots_and_reuses_finished_cells(tmp_path,
     assert main(args) == 0
     text = output.read_text()
     assert "kept as it is" in text and "kd3 bench" in text
-    assert "| kd-all |" in text and "| **kd3-kl** (default) |" in text
+    assert "| kd-all |" in text and "| **kd3-kl0.3** (default) |" in text
     assert (tmp_path / "plots" / "quality_demo_quick.png").stat().st_size > 1000
     cell = json.loads((tmp_path / "runs" / "demo" / "bench" / "kd-all-s0.json").read_text())
     assert set(cell["last"]) == {"private_test", "mnist_shifted"}
