@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +37,7 @@ from kd3.runs import atomic_write_json, read_meta
 from kd3.runtime import configure
 from kd3.stages import STAGES
 from kd3.stages.base import execute
+from kd3.training.state import lr_factor
 
 UPSTREAM = ("demo-data", "download", "score")
 PRIVATE_TRAIN = "private_train.npz"
@@ -236,7 +236,7 @@ def _private_data_cell(sr: ScenarioRun, seed: int, output: str, overrides: list[
     started = time.monotonic()
     for epoch in range(t.epochs):
         for group in optimizer.param_groups:
-            group["lr"] = t.lr * 0.5 * (1 + math.cos(math.pi * epoch / t.epochs))
+            group["lr"] = t.lr * lr_factor(t.scheduler, epoch, t.epochs, t.step_milestones)  # the recipe's schedule
         model.train()
         order = torch.randperm(len(labels), generator=gen)
         for start in range(0, len(order), t.batch_size):

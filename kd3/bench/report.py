@@ -26,8 +26,8 @@ def _fmt(values: list[Optional[float]], digits: int = 3) -> str:
     return f"{mean:.{digits}f} ± {std:.{digits}f}" if len(values) > 1 else f"{mean:.{digits}f}"
 
 
-def summarise(spec: BenchSpec, scenario: str, private: str, shifted: str,
-              cells: dict[tuple[str, int], dict[str, Any]], methods: list[str]) -> dict[str, dict[str, Any]]:
+def summarise(private: str, shifted: str, cells: dict[tuple[str, int], dict[str, Any]],
+              methods: list[str]) -> dict[str, dict[str, Any]]:
     """Per method: lists over seeds of every reported number (failed cells are listed apart)."""
     rows: dict[str, dict[str, Any]] = {}
     for name in methods:

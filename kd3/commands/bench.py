@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import os
 import platform
 import shlex
 import sys
@@ -44,8 +45,6 @@ def _machine() -> str:
                 break
     except OSError:
         pass
-    import os
-
     return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads)"
 
 
@@ -97,8 +96,7 @@ def main(args: argparse.Namespace) -> int:
                 except Kd3Error as exc:
                     print(f"[bench] {scenario} {name} seed {seed}: failed: {exc}")
                     results[(name, seed)] = {"method": name, "seed": seed, "error": str(exc)}
-        rows = report.summarise(spec, scenario, sr.scenario.private_dataset, sr.scenario.shifted_dataset,
-                                results, methods)
+        rows = report.summarise(sr.scenario.private_dataset, sr.scenario.shifted_dataset, results, methods)
         plot = report.curves_plot(plots_dir / f"quality_{scenario}{'_quick' if args.quick else ''}.png", scenario, rows)
         wall = time.monotonic() - started
         # training time from each cell's train stage (meta.json): the same whether a cell was just
@@ -114,7 +112,7 @@ def main(args: argparse.Namespace) -> int:
                      report.selection_tables(rows), "",
                      "Methods: " + "; ".join(f"`{m}` = {spec.methods[m].description or ' '.join(spec.methods[m].overrides)}"
                                              for m in methods), "",
-                     f"![accuracy per epoch]({Path(plot).relative_to(output.parent) if output.parent in Path(plot).parents else plot})",
+                     f"![accuracy per epoch]({os.path.relpath(plot, output.parent)})",
                      ""]
         print(report.table(spec, rows))
         for line in report.verdict(spec, rows):
