@@ -18,7 +18,7 @@ from typing import Any, Literal, Optional
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from kd3.errors import ConfigError
+from kd3.errors import ConfigError, Kd3Error
 from kd3.params import Params
 
 
@@ -41,6 +41,25 @@ class RunSection(Section):
     num_threads: Optional[int] = Field(default=None, ge=1)
     #: deterministic algorithms where torch offers them (needed for exact resume)
     deterministic: bool = True
+    #: architectures from your own code ("package.module:factory" or "path/to/net.py:factory") that
+    #: checkpoints of this run may name (e.g. the teacher's); kd3 imports user code only when it is
+    #: listed here or is train.student.arch, never because a checkpoint says so (docs/models.md)
+    user_code: list[str] = Field(default_factory=list)
+
+    @field_validator("user_code")
+    @classmethod
+    def _user_code_specs(cls, value: list[str]) -> list[str]:
+        from kd3.models.user_code import parse
+
+        for entry in value:
+            if ":" not in entry:
+                raise ValueError(f"{entry!r} is not user code: expected 'package.module:factory' or "
+                                 "'path/to/net.py:factory' (registry names need no listing)")
+            try:
+                parse(entry)
+            except Kd3Error as exc:
+                raise ValueError(str(exc)) from None
+        return value
 
 
 def _check_range(name: str, value: list[float], low: float, high: float) -> list[float]:

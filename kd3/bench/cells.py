@@ -222,7 +222,8 @@ def _private_data_cell(sr: ScenarioRun, seed: int, output: str, overrides: list[
     score_meta = ModelMeta.from_dict(read_meta(sr.run_dir / layout.SCORE)["teacher"])
     spec = score_meta.input
     device = configure(cfg.run)  # seeds everything with run.seed = this cell's seed
-    model = build_model(t.student.arch, score_meta.num_classes, spec.channels, t.student.options).to(device)
+    model = build_model(t.student.arch, score_meta.num_classes, spec.channels, t.student.options,
+                        image_size=spec.image_size).to(device)
     student_meta = ModelMeta(arch=t.student.arch, options=t.student.options, num_classes=score_meta.num_classes,
                              class_names=score_meta.class_names, input=spec)
     optimizer = torch.optim.SGD(model.parameters(), lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)

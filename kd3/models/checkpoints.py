@@ -19,7 +19,8 @@ import torch
 from kd3 import __version__
 from kd3.errors import Kd3Error, load_error_reason
 from kd3.models.base import Kd3Model
-from kd3.models.registry import build_model
+from kd3.models import user_code
+from kd3.models.registry import arch_options, build_model
 from kd3.models.spec import InputSpec, ModelMeta
 from kd3.runs import atomic_torch_save
 
@@ -68,7 +69,10 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[Kd
     """Rebuild the model a checkpoint describes and load its weights (eval mode)."""
     payload = read_checkpoint(path)
     meta = ModelMeta.from_dict(payload["model"])
-    model = build_model(meta.arch, meta.num_classes, meta.input.channels, meta.options)
+    # the checkpoint's word is never enough to import code: only what the user named may run
+    user_code.require_allowed(meta.arch, meta.options, origin=str(path))
+    model = build_model(meta.arch, meta.num_classes, meta.input.channels, meta.options,
+                        image_size=meta.input.image_size)
     load_state_dict_strict(model, payload["state_dict"], str(path))
     model.to(device).eval()
     return model, meta, payload
@@ -160,8 +164,8 @@ def import_state_dict(weights_path: str | Path, arch: str, num_classes: int, inp
     if any(v <= 0 for v in input_spec.std):
         raise Kd3Error(f"input std must be positive, got {list(input_spec.std)}")
     options = dict(options or {})
-    model = build_model(arch, num_classes, input_spec.channels, options)
-    state = read_state_dict(weights_path)
+    state = read_state_dict(weights_path)  # a bad weights file fails before any user code is imported
+    model = build_model(arch, num_classes, input_spec.channels, options, image_size=input_spec.image_size)
     prefix = getattr(model, "native_prefix", "")
     target: torch.nn.Module = model
     if prefix:
@@ -176,7 +180,20 @@ def import_state_dict(weights_path: str | Path, arch: str, num_classes: int, inp
     except Kd3Error as exc:
         given = f", options {sorted(options)}" if options else ""
         raise Kd3Error(f"{exc} (expected {arch} with {num_classes} classes{given}; "
-                       "check --arch/--num-classes/--options)") from None
+                       f"check --arch/--num-classes/--options{_arch_hint(arch, state)})") from None
     model.eval()
-    meta = ModelMeta(arch=arch, options=options, num_classes=num_classes, class_names=names, input=input_spec)
+    meta = ModelMeta(arch=arch, options=arch_options(model, options), num_classes=num_classes, class_names=names,
+                     input=input_spec)
     return model, meta
+
+
+def _arch_hint(arch: str, state: dict[str, torch.Tensor]) -> str:
+    """A torchvision ResNet with the CIFAR stem is the usual CIFAR teacher; name it when the keys say so."""
+    conv1 = state.get("conv1.weight")
+    torchvision_keys = any(".downsample." in k for k in state) or "fc.weight" in state
+    if arch.endswith("-cifar") or conv1 is None or conv1.dim() != 4 or tuple(conv1.shape[2:]) != (3, 3) \
+            or not torchvision_keys:
+        return ""
+    base = {"cifar_resnet18": "resnet18", "cifar_resnet34": "resnet34"}.get(arch, arch.removeprefix("torchvision/"))
+    return (f"; these look like torchvision ResNet weights with a 3x3 CIFAR stem: try --arch "
+            f"torchvision/{base if base.startswith('res') or base.startswith('wide_') else 'resnet18'}-cifar")

@@ -7,7 +7,10 @@ Two kinds of names:
 
 * local entries: ``small_cnn``, ``cifar_resnet18``, ``cifar_resnet34``, ``wrn`` (+ ``wrn_D_K`` aliases);
 * prefixed families resolved on demand (the libraries are imported only then):
-  ``torchvision/<name>``, ``timm/<name>``, ``open_clip/<name>``.
+  ``torchvision/<name>`` (``torchvision/<resnet>-cifar``: the CIFAR stem), ``timm/<name>``,
+  ``open_clip/<name>``;
+* a user's own network, ``package.module:factory`` or ``path/to/net.py:factory``
+  (:mod:`kd3.models.user_code`; imported only when the user named it).
 
 ``MODELS.get(name)`` resolves both; :func:`build_model` is the one factory the stages use.
 """
@@ -21,6 +24,7 @@ from typing import Any, Callable
 
 from kd3.errors import Kd3Error
 from kd3.models.base import Kd3Model
+from kd3.models import user_code
 from kd3.models.cifar import CifarResNet, WideResNet
 from kd3.models.small_cnn import SmallCNN
 from kd3.registry import Registry
@@ -58,6 +62,9 @@ class ModelRegistry(Registry[ModelFactory]):
         if name in self:
             return super().get(name)
         prefix, slash, rest = name.partition("/")
+        if user_code.looks_like_user_arch(name) and not (slash and prefix in self.families):
+            user_code.load_factory(name)  # refused unless the user named it; fails early on a bad path/name
+            return functools.partial(user_code.build, name)
         if slash:
             family = self.families.get(prefix)
             if family is None:
@@ -196,7 +203,8 @@ def _clip_names(pattern: str) -> list[str]:
 
 MODELS.add_family(ModelFamily(
     "torchvision", "any torchvision classification model (ResNet/ResNeXt/WRN, RegNet, MobileNetV2/V3, EfficientNet, "
-    "ConvNeXt, VGG, AlexNet, DenseNet, ShuffleNetV2, MNASNet), weights=None",
+    "ConvNeXt, VGG, AlexNet, DenseNet, ShuffleNetV2, MNASNet), weights=None; <resnet>-cifar: 3x3 stride-1 stem, "
+    "no max-pool",
     _tv_build, _tv_names, _tv_check))
 MODELS.add_family(ModelFamily(
     "timm", "any timm model (pretrained=False; ViTs: patch tokens as the feature map)", _timm_build, _timm_names,
@@ -207,11 +215,22 @@ MODELS.add_family(ModelFamily(
     _clip_names))
 
 
-def build_model(arch: str, num_classes: int, in_channels: int, options: dict[str, Any] | None = None) -> Kd3Model:
-    """Construct ``arch`` with its options; a bad option is a one-line error naming it."""
+def build_model(arch: str, num_classes: int, in_channels: int, options: dict[str, Any] | None = None,
+                image_size: int | None = None) -> Kd3Model:
+    """Construct ``arch`` with its options; a bad option is a one-line error naming it.
+
+    ``image_size``: the input edge, used only to probe a user network whose split is not yet known.
+    """
     factory = MODELS.get(arch)
+    is_user = isinstance(factory, functools.partial) and factory.func is user_code.build
+    extra = {"image_size": image_size} if is_user else {}
     try:
-        return factory(num_classes=num_classes, in_channels=in_channels, **dict(options or {}))
+        return factory(num_classes=num_classes, in_channels=in_channels, **extra, **dict(options or {}))
     except TypeError as exc:
         # name the option keys only: a zero-shot teacher's options hold a whole model config and class list
         raise Kd3Error(f"model {arch!r}: bad options ({', '.join(options or {}) or 'none given'}): {exc}") from None
+
+
+def arch_options(model: Kd3Model, options: dict[str, Any] | None) -> dict[str, Any]:
+    """The options to record in a checkpoint: a user network's found split added, so a rebuild needs no probe."""
+    return {**dict(options or {}), **getattr(model, "resolved_options", {})}

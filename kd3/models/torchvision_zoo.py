@@ -23,6 +23,10 @@ ShuffleNetV2   ``conv5`` output                         GAP
 MNASNet        ``layers`` output                        GAP
 ============== ======================================== ===========================================
 
+``torchvision/<resnet>-cifar`` (e.g. ``torchvision/resnet18-cifar``) is the same ResNet with the
+CIFAR stem most CIFAR training code puts on torchvision's model: ``conv1`` a 3x3 stride-1 conv
+(padding 1, no bias) and ``maxpool`` an ``Identity``; its state dict keys are torchvision's.
+
 Other torchvision families (ViT, Swin, MaxViT, GoogLeNet, Inception, SqueezeNet) are refused with
 a clear error; timm (``timm/<name>``) covers those architectures.
 """
@@ -55,11 +59,27 @@ SUPPORTED_FAMILIES = {
 }
 
 
-def list_names() -> list[str]:
-    """Every torchvision classification model name (supported family or not)."""
+#: suffix of the CIFAR-stem variants: conv1 = 3x3 stride 1 padding 1 (no bias), maxpool = Identity
+CIFAR_SUFFIX = "-cifar"
+
+
+def _library_names() -> list[str]:
     import torchvision
 
     return sorted(torchvision.models.list_models(module=torchvision.models))
+
+
+def cifar_names() -> list[str]:
+    """``<resnet>-cifar`` for every torchvision ResNet/ResNeXt/Wide ResNet."""
+    import torchvision
+
+    return [f"{n}{CIFAR_SUFFIX}" for n in _library_names()
+            if torchvision.models.get_model_builder(n).__module__.endswith(".resnet")]
+
+
+def list_names() -> list[str]:
+    """Every torchvision classification model name (supported family or not), plus the CIFAR-stem variants."""
+    return sorted(_library_names() + cifar_names())
 
 
 def family_of(name: str) -> str:
@@ -67,12 +87,15 @@ def family_of(name: str) -> str:
     import torchvision
 
     names = list_names()
+    if name.endswith(CIFAR_SUFFIX) and name not in names and name[: -len(CIFAR_SUFFIX)] in names:
+        raise Kd3Error(f"torchvision/{name}: the {CIFAR_SUFFIX} stem exists for ResNet/ResNeXt/Wide ResNet only "
+                       f"(`kd3 models {CIFAR_SUFFIX}` lists them)")
     if name not in names:
         close = difflib.get_close_matches(name, names, n=5, cutoff=0.5)
         hint = f"; did you mean {', '.join('torchvision/' + c for c in close)}?" if close else \
             "; `kd3 models torchvision/` lists them"
         raise Kd3Error(f"unknown torchvision model {name!r}{hint}")
-    family = torchvision.models.get_model_builder(name).__module__.rsplit(".", 1)[-1]
+    family = torchvision.models.get_model_builder(name.removesuffix(CIFAR_SUFFIX)).__module__.rsplit(".", 1)[-1]
     if family not in SUPPORTED_FAMILIES:
         raise Kd3Error(f"torchvision/{name}: family {family!r} is not supported by kd3 (needs a feature map → "
                        f"pool → linear split); supported: {', '.join(SUPPORTED_FAMILIES.values())}; "
@@ -177,7 +200,13 @@ def build(name: str, num_classes: int, in_channels: int = 3, **options: Any) -> 
         if key in options:
             raise Kd3Error(f"torchvision/{name}: option {key!r} is not accepted (kd3 builds with weights=None and "
                            "takes trained weights from a checkpoint: `kd3 import-checkpoint --weights FILE.pth`)")
-    net = torchvision.models.get_model(name, weights=None, num_classes=num_classes, **options)
-    if in_channels != 3:
+    base = name.removesuffix(CIFAR_SUFFIX)
+    net = torchvision.models.get_model(base, weights=None, num_classes=num_classes, **options)
+    if base != name:
+        # the CIFAR stem of the ResNet paper's CIFAR experiments, as CIFAR training code writes it on
+        # top of torchvision: keeps 32x32 resolution into layer1 (32 → 4x4 map at layer4)
+        net.conv1 = nn.Conv2d(in_channels, net.conv1.out_channels, 3, stride=1, padding=1, bias=False)
+        net.maxpool = nn.Identity()
+    elif in_channels != 3:
         replace_first_conv(net, in_channels)
     return TorchvisionModel(net, family, name, num_classes)

@@ -15,13 +15,22 @@ from types import ModuleType
 from typing import Any
 
 from kd3.config import PipelineConfig
+from kd3.models.user_code import allow_user_code
 from kd3.runs import Mode, open_stage
 
 
 def execute(stage: ModuleType, cfg: PipelineConfig, run_dir: Path, mode: Mode,
             argv: list[str] | None = None, dry_run: bool = False) -> dict[str, Any]:
-    """check → apply the folder policy → run → write meta.json (complete or failed)."""
-    run_dir = Path(run_dir)
+    """check → apply the folder policy → run → write meta.json (complete or failed).
+
+    User code (``module:factory`` architectures) may be imported only if the config names it.
+    """
+    with allow_user_code([*cfg.run.user_code, cfg.train.student.arch, cfg.demo_data.teacher.arch]):
+        return _execute(stage, cfg, Path(run_dir), mode, argv, dry_run)
+
+
+def _execute(stage: ModuleType, cfg: PipelineConfig, run_dir: Path, mode: Mode,
+             argv: list[str] | None, dry_run: bool) -> dict[str, Any]:
     inputs = stage.check(cfg, run_dir)
     folder = stage.output_name(cfg) if hasattr(stage, "output_name") else stage.NAME
     if dry_run:

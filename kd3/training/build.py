@@ -73,7 +73,8 @@ def build_trainer(cfg: PipelineConfig, run_dir: Path, device: torch.device, out_
     held_out = held_out_mask(cfg, scores)
     spec = student_input_spec(cfg, scores.teacher.input)
     # build order fixes the initial weights (global RNG): student network, then the objective's parts
-    backbone = build_model(t.student.arch, scores.teacher.num_classes, spec.channels, t.student.options)
+    backbone = build_model(t.student.arch, scores.teacher.num_classes, spec.channels, t.student.options,
+                           image_size=spec.image_size)
     built = build_objective(BuildContext(cfg, run_dir, scores, device, backbone, spec))
     student, objective = built.student.to(device), built.objective.to(device)
     optimizer = torch.optim.SGD([p for p in objective.parameters() if p.requires_grad], lr=t.lr,

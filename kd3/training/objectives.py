@@ -24,6 +24,7 @@ from kd3.methods.objectives import KD3Objective, KDObjective, Objective, WithND
 from kd3.models import load_model, read_checkpoint
 from kd3.models.base import Kd3Model
 from kd3.models.distilled import STUDENT_ARCH, distilled_from_teacher
+from kd3.models.registry import arch_options
 from kd3.models.spec import InputSpec, ModelMeta
 from kd3.registry import Registry
 
@@ -44,7 +45,8 @@ class BuildContext:
     def plain_meta(self) -> ModelMeta:
         """Checkpoint metadata of the bare student network."""
         t, teacher = self.cfg.train, self.scores.teacher
-        return ModelMeta(arch=t.student.arch, options=t.student.options, num_classes=teacher.num_classes,
+        return ModelMeta(arch=t.student.arch, options=arch_options(self.backbone, t.student.options),
+                         num_classes=teacher.num_classes,
                          class_names=teacher.class_names, input=self.student_input)
 
 
@@ -117,7 +119,8 @@ def build_kd3(ctx: BuildContext) -> BuiltObjective:
         t = cfg.train
         meta = ModelMeta(arch=STUDENT_ARCH, num_classes=teacher_meta.num_classes, class_names=teacher_meta.class_names,
                          input=ctx.student_input, options={
-                             "student": {"arch": t.student.arch, "options": dict(t.student.options)},
+                             "student": {"arch": t.student.arch,
+                                         "options": arch_options(ctx.backbone, t.student.options)},
                              "teacher": {"arch": loaded_meta.arch, "options": dict(loaded_meta.options),
                                          "in_channels": loaded_meta.input.channels},
                              "teacher_map_shape": list(map_shape), "projector_factor": k.projector_factor})
