@@ -65,6 +65,21 @@ def _safe_torch_load(path: Path, what: str, allow: Sequence[type] = ()) -> Any:
                        "re-save only the state dict (torch.save(model.state_dict(), path))") from None
 
 
+def check_checkpoint_code(path: str | Path) -> None:
+    """Before any work: refuse a checkpoint whose architecture is user code the user did not name.
+
+    Reads only the metadata (tensors are memory-mapped, not loaded).
+    """
+    path = Path(path)
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # legacy (non-zip) files cannot be mapped; load_model reports real problems
+        payload = read_checkpoint(path)
+    model = payload.get("model") if isinstance(payload, dict) else None
+    if isinstance(model, dict) and isinstance(model.get("arch"), str):
+        user_code.require_allowed(model["arch"], model.get("options"), origin=str(path))
+
+
 def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[Kd3Model, ModelMeta, dict[str, Any]]:
     """Rebuild the model a checkpoint describes and load its weights (eval mode)."""
     payload = read_checkpoint(path)

@@ -221,6 +221,10 @@ def build_model(arch: str, num_classes: int, in_channels: int, options: dict[str
 
     ``image_size``: the input edge, used only to probe a user network whose split is not yet known.
     """
+    taken = [k for k in ("num_classes", "in_channels", "image_size") if k in (options or {})]
+    if taken:
+        raise Kd3Error(f"model {arch!r}: option {taken[0]!r} is set by kd3 (from --num-classes/--channels/"
+                       "--image-size or the teacher's checkpoint); drop it from the options")
     factory = MODELS.get(arch)
     is_user = isinstance(factory, functools.partial) and factory.func is user_code.build
     extra = {"image_size": image_size} if is_user else {}

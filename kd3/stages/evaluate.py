@@ -31,7 +31,7 @@ from kd3.data.shards import list_shards
 from kd3.errors import ConfigError, Kd3Error
 from kd3.inference import batch_logits, pool_logits
 from kd3.methods.fidelity import fidelity_report, per_class_accuracy, reliability_bins
-from kd3.models import load_model, read_checkpoint
+from kd3.models import check_checkpoint_code, load_model, read_checkpoint
 from kd3.runs import StageDir, atomic_path, atomic_write_json, atomic_write_text, file_fingerprint, read_meta
 from kd3.runs import stage_input_fingerprint
 
@@ -63,6 +63,7 @@ def check(cfg: PipelineConfig, run_dir: Path) -> dict[str, str]:
     inputs = {}
     for key, path in _checkpoints(cfg, run_dir).items():
         require_file(cfg, f"evaluate.{key}", path, "run the earlier stages first or fix the path")
+        check_checkpoint_code(path)
         inputs[key] = file_fingerprint(path)
     class_names = read_checkpoint(_checkpoints(cfg, run_dir)["teacher"])["model"].get("class_names")
     for d in e.datasets:

@@ -25,7 +25,7 @@ from kd3.data.score_cache import fixed_list
 from kd3.data.shards import ShardImages, image_loader, list_shards, read_download_index
 from kd3.errors import Kd3Error
 from kd3.methods.ood import batchnorm_layers, bn_scores_or_none
-from kd3.models import ModelMeta, load_model
+from kd3.models import ModelMeta, check_checkpoint_code, load_model
 from kd3.runs import StageDir, atomic_path, file_fingerprint, require_complete, stage_input_fingerprint
 from kd3.runtime import configure
 
@@ -38,6 +38,7 @@ def check(cfg: PipelineConfig, run_dir: Path) -> dict[str, str]:
     require_complete(run_dir, layout.DOWNLOAD, NAME)
     teacher = require_file(cfg, "score.teacher", resolve_path(cfg.score.teacher, run_dir),
                            "run `kd3 demo-data` or point score.teacher at a kd3 teacher checkpoint")
+    check_checkpoint_code(teacher)
     return {"download": stage_input_fingerprint(run_dir, layout.DOWNLOAD), "teacher": file_fingerprint(teacher)}
 
 

@@ -22,7 +22,7 @@ from kd3.data.shards import list_shards
 from kd3.errors import Kd3Error
 from kd3.inference import pool_logits
 from kd3.methods.selectors import SELECTORS, SelectionInputs
-from kd3.models import load_model
+from kd3.models import check_checkpoint_code, load_model
 from kd3.runs import StageDir, atomic_path, file_fingerprint, require_complete, stage_input_fingerprint
 from kd3.runtime import configure
 
@@ -39,6 +39,7 @@ def check(cfg: PipelineConfig, run_dir: Path) -> dict[str, str]:
     if selector.needs_student(cfg.selector_params(selector.name)):
         student = require_file(cfg, "select.student", resolve_path(cfg.select.student, run_dir),
                                "train a student first or point select.student at a kd3 student checkpoint")
+        check_checkpoint_code(student)
         inputs["student"] = file_fingerprint(student)
     return inputs
 

@@ -21,7 +21,7 @@ from kd3.data.score_cache import TeacherOutputs
 from kd3.errors import Kd3Error
 from kd3.methods.nd import teacher_class_means
 from kd3.methods.objectives import KD3Objective, KDObjective, Objective, WithND
-from kd3.models import load_model, read_checkpoint
+from kd3.models import check_checkpoint_code, load_model, read_checkpoint
 from kd3.models.base import Kd3Model
 from kd3.models.distilled import STUDENT_ARCH, distilled_from_teacher
 from kd3.models.registry import arch_options
@@ -97,6 +97,7 @@ def check_kd3(cfg: PipelineConfig, run_dir: Path) -> None:
     if not teacher.is_file():
         raise Kd3Error(f"{cfg.source}: score.teacher: file not found: {teacher} "
                        "(KD³ needs the teacher's feature maps and classifier during training)")
+    check_checkpoint_code(teacher)
 
 
 def build_kd3(ctx: BuildContext) -> BuiltObjective:
