@@ -31,7 +31,7 @@ from kd3.inspect.manifests import epoch_manifests
 from kd3.inspect.summary import summarize_manifest
 from kd3.inspect.truth import GroundTruth, TruthSettings, load_ground_truth
 from kd3.methods.fidelity import fidelity_report, topk_accuracy
-from kd3.models import build_model, load_model, save_checkpoint
+from kd3.models import arch_options, build_model, load_model, save_checkpoint
 from kd3.models.spec import ModelMeta
 from kd3.runs import atomic_write_json, read_meta
 from kd3.runtime import configure
@@ -224,7 +224,8 @@ def _private_data_cell(sr: ScenarioRun, seed: int, output: str, overrides: list[
     device = configure(cfg.run)  # seeds everything with run.seed = this cell's seed
     model = build_model(t.student.arch, score_meta.num_classes, spec.channels, t.student.options,
                         image_size=spec.image_size).to(device)
-    student_meta = ModelMeta(arch=t.student.arch, options=t.student.options, num_classes=score_meta.num_classes,
+    student_meta = ModelMeta(arch=t.student.arch, options=arch_options(model, t.student.options),
+                             num_classes=score_meta.num_classes,
                              class_names=score_meta.class_names, input=spec)
     optimizer = torch.optim.SGD(model.parameters(), lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
     gen = torch.Generator().manual_seed(seed)

@@ -38,6 +38,7 @@ def main(args: argparse.Namespace) -> int:
         print()
         for prefix, family in MODELS.families.items():
             print(f"{prefix + '/<name>':32s} {family.summary}")
+        print(f"{'package.module:factory':32s} your own nn.Module (or path/to/net.py:factory); see docs/models.md")
         print("\n`kd3 models PATTERN` searches the library names too, e.g. `kd3 models torchvision/` or "
               "`kd3 models timm/resnet`.")
         return 0

@@ -82,6 +82,8 @@ class ModelRegistry(Registry[ModelFactory]):
         prefixed = [f"{prefix}/{name}" for prefix in ("torchvision", "timm") if _library_has(prefix, name)]
         hints = close + prefixed
         hint = f"; did you mean {', '.join(hints)}?" if hints else f"; known: {', '.join(self.names())}"
+        if ":" in name:
+            hint += "; your own code is named 'package.module:factory' or 'path/to/net.py:factory'"
         raise Kd3Error(f"unknown model architecture {name!r}{hint} "
                        f"(libraries: {', '.join(p + '/<name>' for p in self.families)}; `kd3 models` lists them)")
 

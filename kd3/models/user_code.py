@@ -63,8 +63,9 @@ class UserArch:
 
 
 def looks_like_user_arch(arch: str) -> bool:
-    """True for ``something:name`` (registry names never contain a colon)."""
-    return ":" in arch
+    """True for ``dotted.module:factory`` / ``file.py:factory``; other names (even with a colon, such as
+    ``open_clip/hf-hub:…``) are registry names, which never import code."""
+    return _SPEC.fullmatch(arch.strip()) is not None
 
 
 def parse(arch: str) -> UserArch:
@@ -129,7 +130,8 @@ def _load_module(spec: UserArch) -> Any:
     if not path.is_file():
         raise Kd3Error(f"architecture {spec.text!r}: file not found: {path}")
     # one module per file path, loaded once per process (a rebuild must not re-run the file)
-    name = f"kd3_user_code.{re.sub(r'[^A-Za-z0-9_]', '_', path.stem)}_{hashlib.sha1(str(path).encode()).hexdigest()[:8]}"
+    digest = hashlib.sha1(str(path).encode()).hexdigest()[:8]
+    name = f"kd3_user_code.{re.sub(r'[^A-Za-z0-9_]', '_', path.stem)}_{digest}"
     if name in sys.modules:
         return sys.modules[name]
     module_spec = importlib.util.spec_from_file_location(name, path)

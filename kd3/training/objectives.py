@@ -21,10 +21,9 @@ from kd3.data.score_cache import TeacherOutputs
 from kd3.errors import Kd3Error
 from kd3.methods.nd import teacher_class_means
 from kd3.methods.objectives import KD3Objective, KDObjective, Objective, WithND
-from kd3.models import check_checkpoint_code, load_model, read_checkpoint
+from kd3.models import arch_options, check_checkpoint_code, load_model, read_checkpoint
 from kd3.models.base import Kd3Model
 from kd3.models.distilled import STUDENT_ARCH, distilled_from_teacher
-from kd3.models.registry import arch_options
 from kd3.models.spec import InputSpec, ModelMeta
 from kd3.registry import Registry
 

@@ -1,5 +1,6 @@
-"""A user's own teacher through the pipeline: the CIFAR-stem torchvision ResNet-18 state dict and a
-network from the user's own file go through import-checkpoint, score, KD³ train and evaluate."""
+"""A user's own teacher through the pipeline: the CIFAR-stem torchvision ResNet-18 state dict goes
+through import-checkpoint, score and KD³ train; a network from the user's own file, as teacher and
+student, through import-checkpoint, score, KD³ train and evaluate."""
 
 from __future__ import annotations
 
@@ -69,18 +70,22 @@ def import_teacher(weights, arch, out, *extra):
                  "--image-size", "16", *STATS, "--out", str(out), *extra])
 
 
-def check_pipeline(run, overrides, teacher, feature_dim: int, *extra):
-    """score → KD³ train → evaluate with ``teacher``; the cached logits are the user network's own."""
+def check_pipeline(run, overrides, teacher, feature_dim: int, *extra, evaluate: bool = False):
+    """score → KD³ train (→ evaluate) with ``teacher``."""
     assert stage("score", run, overrides, f"score.teacher={teacher}", *extra) == 0
-    assert stage("train", run, overrides, f"score.teacher={teacher}", *KD3, *extra) == 0
-    assert stage("evaluate", run, overrides, f"evaluate.teacher={teacher}",
-                 "evaluate.students={student: '{run}/train/last.pt'}", "evaluate.distillation_samples=0", *extra) == 0
     cache = pd.read_parquet(run / "score" / "teacher_outputs.parquet")
     assert len(cache) > 50 and len(cache["feature"].iloc[0]) == feature_dim
+    assert stage("train", run, overrides, f"score.teacher={teacher}", *KD3, *extra) == 0
     metrics = [json.loads(line) for line in (run / "train" / "metrics.jsonl").read_text().splitlines()]
-    assert len(metrics) == 1 and "loss_fa" in metrics[0]
-    report = json.loads((run / "evaluate" / "report.json").read_text())
-    assert "student" in json.dumps(report)
+    assert len(metrics) == 1 and metrics[0]["samples"] > 0 and "loss_fa" in metrics[0]  # KD³'s feature alignment
+    if evaluate:
+        assert stage("evaluate", run, overrides, f"evaluate.teacher={teacher}",
+                     "evaluate.students={student: '{run}/train/last.pt'}", "evaluate.distillation_samples=0",
+                     "evaluate.datasets=[{name: private_test, path: '{run}/demo-data/private_test.npz'}]",
+                     *extra) == 0
+        rows = json.loads((run / "evaluate" / "report.json").read_text())["rows"]
+        assert {(r["model"], r["dataset"], r["n"]) for r in rows} == {("teacher", "private_test", 540),
+                                                                     ("student", "private_test", 540)}
 
 
 def test_torchvision_cifar_stem_resnet18_state_dict_goes_through_the_pipeline(toy_run, tmp_path):
@@ -124,7 +129,7 @@ def test_a_network_from_the_users_file_as_teacher_and_student(toy_run, tmp_path,
     assert stage("score", tmp_path, overrides, f"score.teacher={teacher}") == 2
     assert "is code outside kd3" in capsys.readouterr().err
     trusted = [f"run.user_code=['{arch}']", f"train.student.arch={arch}", "train.student.options={width: 4}"]
-    check_pipeline(tmp_path, overrides, teacher, 16, *trusted)
+    check_pipeline(tmp_path, overrides, teacher, 16, *trusted, evaluate=True)
     with allow_user_code([arch]):
         student, meta, _ = load_model(tmp_path / "train" / "last.pt")
     assert meta.options["student"] == {"arch": arch, "options": {"width": 4, "feature_map": "stages",

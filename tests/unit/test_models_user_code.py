@@ -242,3 +242,11 @@ def test_allow_user_code_is_scoped():
         user_code.require_allowed("a.b:c")
     with pytest.raises(Kd3Error):
         user_code.require_allowed("a.b:c")
+
+
+def test_registry_names_with_a_colon_are_not_user_code():
+    assert not user_code.looks_like_user_arch("open_clip/hf-hub:timm/ViT-B-16-SigLIP")
+    assert user_code.looks_like_user_arch("pkg.nets:make_net") and user_code.looks_like_user_arch("a/b.py:f")
+    user_code.require_allowed("kd3_student", {"teacher": {"arch": "open_clip/hf-hub:org/model"}})  # no refusal
+    with pytest.raises(Kd3Error, match="your own code is named 'package.module:factory'"):
+        build_model("pkg.nets:make-net", 10, 3)
