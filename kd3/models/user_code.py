@@ -185,7 +185,7 @@ def build(arch: str, num_classes: int, in_channels: int = 3, image_size: int | N
     except Kd3Error:
         raise
     except Exception as exc:
-        raise Kd3Error(f"architecture {arch!r}: {inspect.unwrap(factory).__qualname__}(**{kwargs}) failed: "
+        raise Kd3Error(f"architecture {arch!r}: {parse(arch).factory}(**{kwargs}) failed: "
                        f"{type(exc).__name__}: {exc}") from None
     if not isinstance(net, nn.Module):
         raise Kd3Error(f"architecture {arch!r}: the factory returned a {type(net).__name__}, not a torch.nn.Module")
@@ -193,14 +193,15 @@ def build(arch: str, num_classes: int, in_channels: int = 3, image_size: int | N
     model = UserModel(net, arch, in_channels, probe, options)
     if model.num_classes != num_classes:
         raise Kd3Error(f"architecture {arch!r}: its classifier {model.classifier_name!r} has {model.num_classes} "
-                       f"outputs but {num_classes} classes are expected (pass num_classes in the options, or let "
-                       "the factory take a num_classes argument)")
+                       f"outputs but {num_classes} classes are expected (let the factory take a num_classes "
+                       "argument, or build the net with that many)")
     return model
 
 
 # ---------------------------------------------------------------------------------- the wrapper
-class _Captured(Exception):
-    """Raised by the feature-map hook to stop the forward pass once the map is in hand."""
+class _Captured(BaseException):
+    """Raised by the feature-map hook to stop the forward pass once the map is in hand (a
+    BaseException, so a forward with its own ``except Exception`` cannot swallow it)."""
 
     def __init__(self, value: torch.Tensor):
         super().__init__()
