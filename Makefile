@@ -17,7 +17,7 @@ export PYTHONUNBUFFERED := 1
 KD3 := $(VENV)/bin/kd3
 STAMP := $(VENV)/.kd3-installed
 
-.PHONY: help install demo test bench-quality demo-data download score select train train-kd average evaluate inspect validate
+.PHONY: help install demo test bench bench-quality demo-data download score select train train-kd average evaluate inspect validate
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -48,6 +48,9 @@ test: $(STAMP) ## run the test suite (pytest's exit 5, "no tests collected", is 
 	@$(VENV)/bin/python -m pytest $(PYTEST_ARGS); status=$$?; \
 	if [ $$status -eq 5 ]; then echo "make test: pytest collected no tests; there must be tests" >&2; fi; \
 	exit $$status
+
+bench: $(STAMP) ## performance ratios of every stage vs its physical limit → BENCHMARKS.md (~15 min on 2 CPU cores)
+	$(VENV)/bin/python benchmarks/perf.py --write $(BENCH_ARGS)
 
 bench-quality: $(STAMP) ## quality benchmark (methods × seeds × scenarios) → BENCHMARKS.md; BENCH_ARGS=--quick etc.
 	$(KD3) bench --config benchmarks/quality.yaml $(BENCH_ARGS)

@@ -195,6 +195,11 @@ class ScoreSection(Section):
     bn_distance: Literal["squared", "absolute"] = "absolute"
     #: BN in-domain score: weight of the per-channel variance term beside the mean term (0: mean only)
     bn_variance_weight: float = Field(default=0.0, ge=0)
+    #: keep every decoded pool image (uint8, score/pixels.npy) so later stages stop re-decoding them;
+    #: written only when all images have one shape no larger than pixel_cache_max_side
+    pixel_cache: bool = True
+    #: largest image side cached (64 px RGB = 12 KB per image on disk)
+    pixel_cache_max_side: int = Field(default=64, ge=1)
 
 
 class SelectSection(Section):
@@ -477,7 +482,8 @@ class PipelineConfig(Section):
 
 
 #: keys that change how fast a stage runs, not what it computes; ignored by resume checks
-RUNTIME_KEYS = {"num_workers", "processes_count", "thread_count", "batch_size_eval"}
+RUNTIME_KEYS = {"num_workers", "processes_count", "thread_count", "batch_size_eval",
+                "pixel_cache", "pixel_cache_max_side"}
 
 #: keys added after run folders had been written: at these values they leave the fingerprint
 #: unchanged, so a finished or interrupted stage from before still resumes (any other value counts)

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import torch
 
 from kd3.data.images import normalize, prepare_uint8
+from kd3.data.pixel_cache import PoolPixels
 from kd3.data.shards import ShardImages, image_loader
 from kd3.errors import Kd3Error
 from kd3.models.spec import InputSpec
@@ -14,11 +16,13 @@ from kd3.models.spec import InputSpec
 
 @torch.no_grad()
 def pool_logits(model: torch.nn.Module, spec: InputSpec, num_classes: int, shards: list[Path],
-                uid_to_row: dict[str, int], batch_size: int, num_workers: int, device: torch.device) -> torch.Tensor:
-    """The model's logits on every (un-augmented) pool sample, in score-cache row order [N, K]."""
+                uid_to_row: dict[str, int], batch_size: int, num_workers: int, device: torch.device,
+                pixels: Optional[PoolPixels] = None) -> torch.Tensor:
+    """The model's logits on every (un-augmented) pool sample of ``uid_to_row``, in its row order
+    [N, K]; images from the decoded-pixel cache when given."""
     model.eval()
     logits = torch.full((len(uid_to_row), num_classes), float("nan"))
-    loader = image_loader(ShardImages(shards, spec, uid_to_row=uid_to_row), batch_size, num_workers)
+    loader = image_loader(ShardImages(shards, spec, uid_to_row=uid_to_row, pixels=pixels), batch_size, num_workers)
     for batch in loader:
         logits[batch["row"]] = model(normalize(batch["image"].to(device), spec)).float().cpu()
     missing = torch.isnan(logits[:, 0])

@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 import torch
 
 from kd3 import layout
+from kd3.data.pixel_cache import PoolPixels
 from kd3.errors import Kd3Error
 from kd3.models.spec import ModelMeta
 from kd3.runs import require_complete
@@ -35,6 +36,8 @@ class TeacherOutputs:
     bn_score: Optional[torch.Tensor] = None
     #: the same per BatchNorm layer [N, L]
     bn_per_layer: Optional[torch.Tensor] = None
+    #: the decoded pool images by row (None when the score stage wrote no pixel cache)
+    pixels: Optional[PoolPixels] = None
 
     @property
     def uid_to_row(self) -> dict[str, int]:
@@ -66,4 +69,5 @@ def load_teacher_outputs(run_dir: Path, needed_by: str = "this stage") -> Teache
     return TeacherOutputs(frame=frame, logits=_stack_list_column(table, "logits"),
                           features=_stack_list_column(table, "feature"), teacher=ModelMeta.from_dict(meta["teacher"]),
                           bn_score=torch.from_numpy(table.column("bn_score").to_numpy().astype("float32")) if bn else None,
-                          bn_per_layer=_stack_list_column(table, "bn_per_layer") if bn else None)
+                          bn_per_layer=_stack_list_column(table, "bn_per_layer") if bn else None,
+                          pixels=PoolPixels.open(run_dir, frame))

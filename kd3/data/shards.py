@@ -19,6 +19,7 @@ import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 
 from kd3.data.images import decode_image, prepare_uint8
+from kd3.data.pixel_cache import PoolPixels
 from kd3.errors import Kd3Error
 from kd3.models.spec import InputSpec
 
@@ -86,15 +87,21 @@ class ShardImages(IterableDataset):
 
     Yields ``{"row": int, "uid": str, "image": uint8 [C, H, W]}`` where ``row`` indexes the score
     cache (or -1 without a mapping), plus ``"teacher_image"`` prepared for ``teacher_spec`` when one
-    is given (teacher and student views of the same decoded image, each at its model's size). With ``shuffle=True`` the shard order and a buffer of
+    is given (teacher and student views of the same decoded image, each at its model's size), and
+    ``"decoded"`` (the image before preparation) with ``keep_decoded``. With ``pixels`` (the score
+    stage's decoded-pixel cache) and a mapping, images come from the cache instead of being decoded,
+    in the same order, so the items are identical. With ``shuffle=True`` the shard order and a buffer of
     ``shuffle_buffer`` samples are shuffled from ``seed`` and ``epoch``, so an epoch's order is
     reproducible (with num_workers=0 exactly; with workers per worker).
     """
 
     def __init__(self, shard_paths: list[Path], spec: InputSpec, uid_to_row: Optional[Mapping[str, int]] = None,
                  shuffle: bool = False, shuffle_buffer: int = 2048, seed: int = 0, epoch: int = 0,
-                 teacher_spec: Optional[InputSpec] = None):
+                 teacher_spec: Optional[InputSpec] = None, pixels: Optional[PoolPixels] = None,
+                 keep_decoded: bool = False):
         super().__init__()
+        self.pixels = pixels if uid_to_row is not None else None
+        self.keep_decoded = keep_decoded
         self.shard_paths = list(shard_paths)
         self.spec = spec
         self.teacher_spec = teacher_spec
@@ -114,7 +121,28 @@ class ShardImages(IterableDataset):
             random.Random(f"{self.seed}-{self.epoch}").shuffle(shards)
         return shards[worker::n_workers], rng
 
+    def _item(self, row: int, uid: str, decoded: torch.Tensor) -> dict[str, Any]:
+        item = {"row": row, "uid": uid, "image": prepare_uint8(decoded, self.spec)}
+        if self.teacher_spec is not None:
+            item["teacher_image"] = prepare_uint8(decoded, self.teacher_spec)
+        if self.keep_decoded:
+            item["decoded"] = decoded
+        return item
+
+    def _cached(self, shards: list[Path]) -> Iterator[dict[str, Any]]:
+        """The mapped uids of ``shards`` from the pixel cache, in the order decoding would give them."""
+        cache = self.pixels
+        for shard in shards:
+            for cache_row in cache.rows_by_shard.get(shard.stem, ()):
+                uid = cache.uids[cache_row]
+                row = self.uid_to_row.get(uid)
+                if row is not None:
+                    yield self._item(row, uid, torch.from_numpy(cache.image(cache_row)))
+
     def _decoded(self, shards: list[Path]) -> Iterator[dict[str, Any]]:
+        if self.pixels is not None:
+            yield from self._cached(shards)
+            return
         for sample in iter_raw_samples(shards):
             row = -1
             if self.uid_to_row is not None:
@@ -126,10 +154,7 @@ class ShardImages(IterableDataset):
             except Exception as exc:  # PIL raises many types for corrupt files
                 self.skipped(f"{sample['shard']}/{sample['key']}", type(exc).__name__)
                 continue
-            item = {"row": row, "uid": sample["uid"], "image": prepare_uint8(decoded, self.spec)}
-            if self.teacher_spec is not None:
-                item["teacher_image"] = prepare_uint8(decoded, self.teacher_spec)
-            yield item
+            yield self._item(row, sample["uid"], decoded)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         shards, rng = self._my_shards()
@@ -148,9 +173,18 @@ class ShardImages(IterableDataset):
         yield from buffer
 
 
+def _collate(items: list[dict[str, Any]]) -> dict[str, Any]:
+    """Default collation, except ``decoded`` images (of any sizes), which stay a list."""
+    decoded = [item.pop("decoded") for item in items] if items and "decoded" in items[0] else None
+    batch = torch.utils.data.default_collate(items)
+    if decoded is not None:
+        batch["decoded"] = decoded
+    return batch
+
+
 def image_loader(dataset: ShardImages, batch_size: int, num_workers: int) -> torch.utils.data.DataLoader:
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
-                                       persistent_workers=False)
+                                       persistent_workers=False, collate_fn=_collate)
 
 
 def canonicalize_shard(path: Path) -> int:

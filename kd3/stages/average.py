@@ -23,6 +23,7 @@ from torch import nn
 from kd3 import layout
 from kd3.config import PipelineConfig
 from kd3.data.images import normalize
+from kd3.data.pixel_cache import PoolPixels
 from kd3.data.shards import ShardImages, image_loader, list_shards
 from kd3.errors import Kd3Error
 from kd3.methods.averaging_tracker import TrainingAverages
@@ -78,7 +79,8 @@ def _training_uids(source: Path) -> list[str]:
 
 @torch.no_grad()
 def recompute_bn(model: nn.Module, spec: InputSpec, shards: list[Path], uid_to_row: dict[str, int],
-                 batch_size: int, max_batches: Optional[int], device: torch.device) -> int:
+                 batch_size: int, max_batches: Optional[int], device: torch.device,
+                 pixels: Optional[PoolPixels] = None) -> int:
     """Re-estimate BatchNorm running statistics: reset them, then one pass in train mode with a
     cumulative average (momentum None, as ``torch.optim.swa_utils.update_bn``). Modules that stay
     in eval mode under ``model.train()`` (the frozen teacher head of a KD³ student) keep theirs.
@@ -92,7 +94,7 @@ def recompute_bn(model: nn.Module, spec: InputSpec, shards: list[Path], uid_to_r
         for m in norms:
             m.reset_running_stats()
             m.momentum = None
-        loader = image_loader(ShardImages(shards, spec, uid_to_row=uid_to_row), batch_size, 0)
+        loader = image_loader(ShardImages(shards, spec, uid_to_row=uid_to_row, pixels=pixels), batch_size, 0)
         for b, batch in enumerate(loader):
             if max_batches is not None and b >= max_batches:
                 break
@@ -125,11 +127,13 @@ def run(cfg: PipelineConfig, out: StageDir) -> dict[str, Any]:
     meta = ModelMeta.from_dict(payload["model"])
     bn_rows = None
     shards: list[Path] = []
+    pixels = None
     if cfg.average.bn_recompute:
         train_config = read_meta(source)["config"]["train"]
         uids = _training_uids(source)
         bn_rows = {uid: i for i, uid in enumerate(uids)}
         shards = list_shards(run_dir / layout.DOWNLOAD)
+        pixels = PoolPixels.for_run(run_dir)
         batch_size = int(train_config.get("batch_size", 128))
     described: dict[str, Any] = {}
     for mode, (state, info) in finals.items():
@@ -138,7 +142,7 @@ def run(cfg: PipelineConfig, out: StageDir) -> dict[str, Any]:
         model.to(device)
         if bn_rows is not None:
             info["bn_recomputed_on"] = recompute_bn(model, meta.input, shards, bn_rows, batch_size,
-                                                    cfg.average.bn_max_batches, device)
+                                                    cfg.average.bn_max_batches, device, pixels)
         path = out.path / f"{mode}.pt"
         save_checkpoint(path, model, meta, averaged={"mode": mode, "source": str(last), **info})
         described[mode] = info

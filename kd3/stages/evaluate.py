@@ -240,7 +240,8 @@ def run(cfg: PipelineConfig, out: StageDir) -> dict[str, Any]:
             shards = list_shards(run_dir / layout.DOWNLOAD)
             for name in e.students:
                 model, meta = models[name]
-                z_s = pool_logits(model, meta.input, meta.num_classes, shards, uid_to_row, e.batch_size, 0, device)
+                z_s = pool_logits(model, meta.input, meta.num_classes, shards, uid_to_row, e.batch_size, 0, device,
+                                  scores.pixels)
                 distillation.append({"dataset": DISTILLATION, "model": name, "n": len(chosen),
                                      **fidelity_report(z_s, z_t, None)})
         else:

@@ -8,8 +8,9 @@ Resumable per shard: finished shards are kept in ``parts/`` until the final file
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import pandas as pd
@@ -21,6 +22,7 @@ from tqdm import tqdm
 from kd3 import layout
 from kd3.config import PipelineConfig, require_file, resolve_path
 from kd3.data.images import normalize
+from kd3.data.pixel_cache import stack_padded
 from kd3.data.score_cache import fixed_list
 from kd3.data.shards import ShardImages, image_loader, list_shards, read_download_index
 from kd3.errors import Kd3Error
@@ -44,13 +46,17 @@ def check(cfg: PipelineConfig, run_dir: Path) -> dict[str, str]:
 
 @torch.no_grad()
 def teacher_pass(model, meta: ModelMeta, shard: Path, batch_size: int, num_workers: int,
-                 device: torch.device, bn_distance: str = "squared", bn_variance_weight: float = 0.0) -> pa.Table:
+                 device: torch.device, bn_distance: str = "squared", bn_variance_weight: float = 0.0,
+                 decoded: Optional[list[torch.Tensor]] = None) -> pa.Table:
     """One shard through the frozen teacher → a table of uid, predictions, logits, features and, for
     a teacher with BatchNorm, the BN in-domain score (overall and per layer; lower = more in-domain),
-    all from the same forward pass."""
-    loader = image_loader(ShardImages([shard], meta.input), batch_size, num_workers)
+    all from the same forward pass. The decoded images are appended to ``decoded`` when given (in
+    the table's row order), for the pixel cache."""
+    loader = image_loader(ShardImages([shard], meta.input, keep_decoded=decoded is not None), batch_size, num_workers)
     uids, logits, features, bn, bn_layers = [], [], [], [], []
     for batch in loader:
+        if decoded is not None:
+            decoded += batch["decoded"]
         x = normalize(batch["image"].to(device), meta.input)
         captured = {}
         scores = bn_scores_or_none(model, x, distance=bn_distance, variance_weight=bn_variance_weight,
@@ -74,6 +80,61 @@ def teacher_pass(model, meta: ModelMeta, shard: Path, batch_size: int, num_worke
     return pa.table(columns)
 
 
+def _save_part_pixels(decoded: list[torch.Tensor], path: Path, max_side: int) -> bool:
+    """One shard's decoded images (kd3.data.pixel_cache format, as an .npz part); False (no cache
+    for this pool) when their sizes differ or exceed ``max_side``."""
+    stacked = stack_padded([image.numpy() for image in decoded], max_side) if decoded else \
+        (np.zeros((0, 1, 1, 1), np.uint8), np.zeros(0, np.uint8))
+    if stacked is None:
+        return False
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(f, pixels=stacked[0], channels=stacked[1])
+    return True
+
+
+def _write_pixel_cache(part_uids: pd.Series, row_uids: pd.Series, parts: Path, shards: list[Path],
+                       out_dir: Path) -> Optional[str]:
+    """Assemble the per-shard pixel parts into the pixel cache in score-cache row order, one part
+    at a time into a memory-mapped file. None (and no cache) when a part is missing (the pool's
+    images differ in size or are too large) or sizes differ between shards."""
+    files = [parts / f"{shard.stem}.pixels.npz" for shard in shards]
+    if not all(f.is_file() for f in files):
+        return None
+    sizes = set()
+    max_channels = 1
+    for f in files:
+        with np.load(f) as part:
+            if len(part["channels"]):
+                sizes.add(part["pixels"].shape[2:])
+                max_channels = max(max_channels, part["pixels"].shape[1])
+    if len(sizes) != 1:
+        return None
+    row_of = dict(zip(row_uids, range(len(row_uids))))
+    channels = np.zeros(len(row_uids), np.uint8)
+    path = out_dir / layout.PIXEL_CACHE
+    with atomic_path(path) as tmp:
+        cache = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8,
+                                          shape=(len(row_uids), max_channels, *sizes.pop()))
+        start = 0
+        for f in files:
+            with np.load(f) as part:
+                pixels, part_channels = part["pixels"], part["channels"]
+            uids = part_uids.iloc[start:start + len(part_channels)]
+            start += len(part_channels)
+            pairs = [(i, row_of[uid]) for i, uid in enumerate(uids) if uid in row_of]
+            if pairs:
+                src, dst = (np.array(v) for v in zip(*pairs))
+                cache[dst, :pixels.shape[1]] = pixels[src]
+                channels[dst] = part_channels[src]
+        cache.flush()
+        del cache
+    with atomic_path(out_dir / layout.PIXEL_CHANNELS) as tmp:
+        with open(tmp, "wb") as f:
+            np.save(f, channels)
+    return f"{path.name} {path.stat().st_size / 2**20:.1f} MB"
+
+
 def run(cfg: PipelineConfig, out: StageDir) -> dict[str, Any]:
     device = configure(cfg.run)
     run_dir = out.run_dir
@@ -82,13 +143,17 @@ def run(cfg: PipelineConfig, out: StageDir) -> dict[str, Any]:
     shards = list_shards(run_dir / layout.DOWNLOAD)
     parts = out.path / "parts"
     parts.mkdir(exist_ok=True)
+    keep_pixels = cfg.score.pixel_cache
     for shard in tqdm(shards, desc=f"[{NAME}] teacher over shards", unit="shard", disable=None):
         part = parts / f"{shard.stem}.parquet"
         if part.exists():
             continue  # finished before an interruption
+        decoded: Optional[list[torch.Tensor]] = [] if keep_pixels else None
         table = teacher_pass(model, meta, shard, cfg.score.batch_size, cfg.score.num_workers, device,
-                             cfg.score.bn_distance, cfg.score.bn_variance_weight)
-        with atomic_path(part) as tmp:
+                             cfg.score.bn_distance, cfg.score.bn_variance_weight, decoded)
+        if keep_pixels:
+            keep_pixels = _save_part_pixels(decoded, parts / f"{shard.stem}.pixels.npz", cfg.score.pixel_cache_max_side)
+        with atomic_path(part) as tmp:  # written last: a finished part implies its pixels
             pq.write_table(table, tmp)
     tables = [pq.read_table(parts / f"{s.stem}.parquet") for s in shards]
     tables = [t for t in tables if t.num_rows]
@@ -107,17 +172,17 @@ def run(cfg: PipelineConfig, out: StageDir) -> dict[str, Any]:
     has_bn = "bn_score" in merged.columns
     if has_bn:
         columns += ["bn_score", "bn_per_layer"]
+    pixels = _write_pixel_cache(scored["uid"], merged["uid"], parts, shards, out.path) \
+        if cfg.score.pixel_cache else None
     with atomic_path(out.path / layout.SCORE_CACHE) as tmp:
         merged[columns].to_parquet(tmp, index=False)
-    for part in parts.glob("*.parquet"):
-        part.unlink()
-    parts.rmdir()
+    shutil.rmtree(parts)
     per_class = merged["teacher_label"].value_counts().sort_index()
     print(f"[{NAME}] scored {len(merged)} samples; teacher mean confidence {merged['teacher_conf'].mean():.3f}")
     if not has_bn:
         print(f"[{NAME}] note: the teacher has no BatchNorm2d layer, so no BN in-domain score is cached "
               "(selectors that need it refuse to run; use a confidence-based selector instead)")
-    return {"scored": len(merged), "downloaded_ok": len(index), "undecodable": len(index) - len(merged),
+    return {"scored": len(merged), "pixel_cache": pixels, "downloaded_ok": len(index), "undecodable": len(index) - len(merged),
             "num_classes": meta.num_classes, "feature_dim": int(len(merged["feature"].iloc[0])),
             "teacher_label_counts": {meta.class_names[int(k)]: int(v) for k, v in per_class.items()},
             "bn_layers": [name for name, _ in batchnorm_layers(model)] if has_bn else None}

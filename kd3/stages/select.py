@@ -53,7 +53,8 @@ def run(cfg: PipelineConfig, out: StageDir) -> dict[str, Any]:
         device = configure(cfg.run)
         student, meta, _ = load_model(resolve_path(cfg.select.student, out.run_dir), device)
         student_logits = pool_logits(student, meta.input, meta.num_classes, list_shards(out.run_dir / layout.DOWNLOAD),
-                                     scores.uid_to_row, cfg.score.batch_size, cfg.score.num_workers, device)
+                                     scores.uid_to_row, cfg.score.batch_size, cfg.score.num_workers, device,
+                                     scores.pixels)
     try:
         result = selector(SelectionInputs(teacher_logits=scores.logits, student_logits=student_logits,
                                           seed=cfg.run.seed, bn_score=scores.bn_score,

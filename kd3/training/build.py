@@ -95,7 +95,7 @@ def build_trainer(cfg: PipelineConfig, run_dir: Path, device: torch.device, out_
                     val_frame.to_parquet(tmp, index=False)
             val_rows = {uid: int(r) for uid, r in zip(val_frame["uid"], np.flatnonzero(held_out))}
             validation = SwadValidation(shards, built.meta.input, val_rows, scores.logits,
-                                        cfg.averaging.swad_val_loss, cfg.score.batch_size, device)
+                                        cfg.averaging.swad_val_loss, cfg.score.batch_size, device, scores.pixels)
         averages = TrainingAverages.from_config(cfg.section("averaging"))
         callbacks.append(WeightAveraging(averages, student, t.epochs, validation, device))
     if out_dir is not None:

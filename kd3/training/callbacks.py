@@ -16,6 +16,7 @@ import torch
 
 from kd3 import layout
 from kd3.data.images import normalize
+from kd3.data.pixel_cache import PoolPixels
 from kd3.data.manifest import selection_manifest
 from kd3.data.shards import ShardImages
 from kd3.errors import Kd3Error
@@ -106,11 +107,11 @@ class SwadValidation:
     """
 
     def __init__(self, shards: list[Path], spec: InputSpec, val_rows: dict[str, int], teacher_logits: torch.Tensor,
-                 kind: str, batch_size: int, device: torch.device):
+                 kind: str, batch_size: int, device: torch.device, pixels: Optional[PoolPixels] = None):
         images: dict[int, torch.Tensor] = {}
         # iterate the dataset directly, not through a DataLoader: that draws nothing from torch's
         # global RNG (a resumed run must see the same random stream as an uninterrupted one)
-        for item in ShardImages(shards, spec, uid_to_row=val_rows):
+        for item in ShardImages(shards, spec, uid_to_row=val_rows, pixels=pixels):
             images[item["row"]] = item["image"]
         if not images:
             raise Kd3Error("none of the held-out SWAD validation samples could be decoded; "

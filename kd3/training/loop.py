@@ -155,7 +155,7 @@ class Trainer:
     def loader(self, rows: dict[str, int], epoch: int) -> torch.utils.data.DataLoader:
         """The epoch's batches: the given rows decoded from the shards in a seeded shuffled order."""
         dataset = ShardImages(self.shards, self.meta.input, uid_to_row=rows, shuffle=True, seed=self.seed,
-                              epoch=epoch, teacher_spec=self.teacher_view)
+                              epoch=epoch, teacher_spec=self.teacher_view, pixels=self.scores.pixels)
         return image_loader(dataset, self.batch_size, self.num_workers)
 
     def train_step(self, batch: dict[str, Any], generator: torch.Generator, zero_grad: bool = True,

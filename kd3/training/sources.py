@@ -66,7 +66,8 @@ class SelectedPool:
         student_logits = None
         if self.needs_student:
             student_logits = pool_logits(student, student_input, self.scores.teacher.num_classes, self.shards,
-                                         self.uid_to_row, self.batch_size, self.num_workers, self.device)
+                                         self.uid_to_row, self.batch_size, self.num_workers, self.device,
+                                         self.scores.pixels)
         inputs = SelectionInputs(teacher_logits=self.scores.logits, student_logits=student_logits, epoch=epoch,
                                  total_epochs=total_epochs, seed=self.seed, bn_score=self.scores.bn_score,
                                  bn_per_layer=self.scores.bn_per_layer)

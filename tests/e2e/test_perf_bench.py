@@ -1,0 +1,19 @@
+"""benchmarks/perf.py runs end to end at tiny size (it measures nothing useful there; no timing asserted)."""
+
+import subprocess
+import sys
+
+from tests.conftest import DEMO_CONFIG, REPO
+
+
+def test_perf_benchmark_runs_every_measure_on_the_toy_run(toy_run, tmp_path):
+    run_dir, overrides = toy_run
+    work = tmp_path / "perf"
+    (work / "base").parent.mkdir(parents=True)
+    (work / "base").symlink_to(run_dir)  # demo-data, download and score are complete there
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "perf.py"), "--quick", "--run-dir", str(work),
+                           "--config", str(DEMO_CONFIG), *overrides], cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    table = [line for line in done.stdout.splitlines() if line.startswith("| ") and line[2].isdigit()]
+    assert [line.split("|")[1].strip() for line in table[:6]] == ["1", "2", "3", "4", "5", "6"]
+    assert all(line.rstrip(" |").endswith(("met", "MISSED")) for line in table[:6])
