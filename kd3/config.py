@@ -200,6 +200,11 @@ class ScoreSection(Section):
     pixel_cache: bool = True
     #: largest image side cached (64 px RGB = 12 KB per image on disk)
     pixel_cache_max_side: int = Field(default=64, ge=1)
+    #: keep the teacher's feature maps (float32, score/teacher_feature_maps.npy) so KD³'s feature
+    #: alignment reads them instead of running the teacher every step
+    feature_map_cache: bool = True
+    #: largest map cached, in values per image (4096 = 16 KB per image on disk)
+    feature_map_cache_max_floats: int = Field(default=4096, ge=1)
 
 
 class SelectSection(Section):
@@ -483,7 +488,7 @@ class PipelineConfig(Section):
 
 #: keys that change how fast a stage runs, not what it computes; ignored by resume checks
 RUNTIME_KEYS = {"num_workers", "processes_count", "thread_count", "batch_size_eval",
-                "pixel_cache", "pixel_cache_max_side"}
+                "pixel_cache", "pixel_cache_max_side", "feature_map_cache", "feature_map_cache_max_floats"}
 
 #: keys added after run folders had been written: at these values they leave the fingerprint
 #: unchanged, so a finished or interrupted stage from before still resumes (any other value counts)

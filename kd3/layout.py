@@ -5,7 +5,8 @@ A stage writes only under its own folder and reads other stages' outputs through
 
 ```
 RUN/download/  url_list.parquet, shards/ (NNNNN.tar, NNNNN.parquet, NNNNN_stats.json), meta.json
-RUN/score/     teacher_outputs.parquet, pixels.npy + pixel_channels.npy (decoded-pixel cache), meta.json
+RUN/score/     teacher_outputs.parquet, pixels.npy + pixel_channels.npy (decoded-pixel cache),
+               teacher_feature_maps.npy, meta.json
 RUN/select/    manifest.parquet, meta.json
 RUN/train*/    epoch_XXX.pt, last.pt, metrics.jsonl, selection/epoch_XXX.parquet, validation.parquet
 RUN/average*/  <mode>.pt
@@ -34,6 +35,8 @@ SCORE_CACHE = "teacher_outputs.parquet"
 #: the score stage's decoded-pixel cache (kd3.data.pixel_cache)
 PIXEL_CACHE = "pixels.npy"
 PIXEL_CHANNELS = "pixel_channels.npy"
+#: the teacher's feature maps per pool row (KD³'s feature alignment reads them instead of running the teacher)
+FEATURE_MAP_CACHE = "teacher_feature_maps.npy"
 SELECT_MANIFEST = "manifest.parquet"
 SELECTION_DIR = "selection"
 VALIDATION = "validation.parquet"

@@ -38,6 +38,12 @@ class TeacherOutputs:
     bn_per_layer: Optional[torch.Tensor] = None
     #: the decoded pool images by row (None when the score stage wrote no pixel cache)
     pixels: Optional[PoolPixels] = None
+    #: the teacher's feature maps [N, C, h, w] float32, memory-mapped (None when not cached)
+    feature_maps: Optional[np.ndarray] = None
+
+    def feature_map_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """The cached teacher feature maps of score-cache ``rows`` [B] → [B, C, h, w]."""
+        return torch.from_numpy(self.feature_maps[rows.numpy()])
 
     @property
     def uid_to_row(self) -> dict[str, int]:
@@ -70,4 +76,12 @@ def load_teacher_outputs(run_dir: Path, needed_by: str = "this stage") -> Teache
                           features=_stack_list_column(table, "feature"), teacher=ModelMeta.from_dict(meta["teacher"]),
                           bn_score=torch.from_numpy(table.column("bn_score").to_numpy().astype("float32")) if bn else None,
                           bn_per_layer=_stack_list_column(table, "bn_per_layer") if bn else None,
-                          pixels=PoolPixels.open(run_dir, frame))
+                          pixels=PoolPixels.open(run_dir, frame), feature_maps=_feature_maps(run_dir, len(frame)))
+
+
+def _feature_maps(run_dir: Path, rows: int) -> Optional[np.ndarray]:
+    path = Path(run_dir) / layout.SCORE / layout.FEATURE_MAP_CACHE
+    if not path.is_file():
+        return None
+    maps = np.load(path, mmap_mode="r")
+    return maps if maps.shape[0] == rows else None

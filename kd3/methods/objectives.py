@@ -43,11 +43,16 @@ class Objective(nn.Module):
 
     ``forward(x_student, x_teacher, teacher_logits, generator, *, teacher_feature=None)`` returns a
     :class:`StepOutput`; ``teacher_feature`` is the score cache's pooled teacher feature [B, D_T]
-    (objectives that do not use it ignore it). ``student`` is the module that is saved and deployed.
+    (objectives that do not use it ignore it). Objectives with ``uses_teacher_feature_map`` also
+    take ``teacher_feature_map`` [B, C, h, w], the score cache's teacher feature maps when it has
+    them (then they need not run the teacher for them). ``student`` is the module that is saved and
+    deployed.
     """
 
     #: whether the objective runs the (frozen) teacher itself, on a teacher view of the batch
     needs_teacher = False
+    #: whether forward takes ``teacher_feature_map`` (cached teacher feature maps of the batch)
+    uses_teacher_feature_map = False
 
     def begin_epoch(self, epoch: int, rows: torch.Tensor) -> None:
         """Called before each epoch with the score-cache rows [n] the epoch trains on."""
@@ -138,19 +143,28 @@ class KD3Objective(Objective):
             agree = (self.student(x_student).argmax(1) == teacher_logits.argmax(1)).sum().item()
         return {"train_agreement": agree}
 
+    @property
+    def uses_teacher_feature_map(self) -> bool:
+        return self.feature_alignment
+
     def forward(self, x_student: torch.Tensor, x_teacher: torch.Tensor, teacher_logits: torch.Tensor,
                 generator: Optional[torch.Generator] = None, *,
-                teacher_feature: Optional[torch.Tensor] = None) -> StepOutput:
+                teacher_feature: Optional[torch.Tensor] = None,
+                teacher_feature_map: Optional[torch.Tensor] = None) -> StepOutput:
         teacher = self.__dict__["teacher"]
-        with torch.no_grad():
-            t_out = teacher.extract(x_teacher)
+        t_out = None
+        if teacher_feature_map is None or self.teacher_contrastive:
+            with torch.no_grad():
+                t_out = teacher.extract(x_teacher)
+        # the teacher is frozen and in eval mode: its cached map is the map it would compute here
+        t_map = teacher_feature_map if teacher_feature_map is not None else t_out.feature_map
         student_map = self.backbone.forward_features(x_student)
         projected = self._project(student_map)
         logits = self.student.head(projected) if self.shared else self.backbone.head(student_map)
         weights = feature_weights(logits, teacher_logits, mode=self.feature_weight)
         terms: dict[str, torch.Tensor] = {}
         if self.feature_alignment:
-            terms["fa"] = weighted_feature_alignment(projected, t_out.feature_map, weights)
+            terms["fa"] = weighted_feature_alignment(projected, t_map, weights)
         # the backbone's own pooled feature: the contrastive head's input, and ND's
         f_s = self.backbone.pool(student_map) if (self.mixdistribution or self.return_pooled) else None
         if self.mixdistribution:
@@ -212,6 +226,10 @@ class WithND(Objective):
     def needs_teacher(self) -> bool:
         return self.inner.needs_teacher
 
+    @property
+    def uses_teacher_feature_map(self) -> bool:
+        return self.inner.uses_teacher_feature_map
+
     def begin_epoch(self, epoch: int, rows: torch.Tensor) -> None:
         self.inner.begin_epoch(epoch, rows)
         if self.means_for_rows is not None:
@@ -227,10 +245,12 @@ class WithND(Objective):
         self.class_means = means.detach().to(self.class_means.device, torch.float32)
 
     def forward(self, x_student: torch.Tensor, x_teacher: Optional[torch.Tensor], teacher_logits: torch.Tensor,
-                generator: Optional[torch.Generator] = None, *, teacher_feature: torch.Tensor) -> StepOutput:
+                generator: Optional[torch.Generator] = None, *, teacher_feature: torch.Tensor,
+                teacher_feature_map: Optional[torch.Tensor] = None) -> StepOutput:
         if self.class_means.numel() == 0:
             raise ValueError("WithND: call set_class_means before the first step")
-        step = self.inner(x_student, x_teacher, teacher_logits, generator)
+        maps = {"teacher_feature_map": teacher_feature_map} if teacher_feature_map is not None else {}
+        step = self.inner(x_student, x_teacher, teacher_logits, generator, **maps)
         pooled = step.student_pooled
         single = self.training and pooled.shape[0] == 1
         if single:

@@ -47,11 +47,11 @@ def check(cfg: PipelineConfig, run_dir: Path) -> dict[str, str]:
 @torch.no_grad()
 def teacher_pass(model, meta: ModelMeta, shard: Path, batch_size: int, num_workers: int,
                  device: torch.device, bn_distance: str = "squared", bn_variance_weight: float = 0.0,
-                 decoded: Optional[list[torch.Tensor]] = None) -> pa.Table:
+                 decoded: Optional[list[torch.Tensor]] = None, maps: Optional[list[torch.Tensor]] = None) -> pa.Table:
     """One shard through the frozen teacher → a table of uid, predictions, logits, features and, for
     a teacher with BatchNorm, the BN in-domain score (overall and per layer; lower = more in-domain),
-    all from the same forward pass. The decoded images are appended to ``decoded`` when given (in
-    the table's row order), for the pixel cache."""
+    all from the same forward pass. The decoded images and the teacher's feature maps are appended
+    to ``decoded`` and ``maps`` when given (in the table's row order), for the score stage's caches."""
     loader = image_loader(ShardImages([shard], meta.input, keep_decoded=decoded is not None), batch_size, num_workers)
     uids, logits, features, bn, bn_layers = [], [], [], [], []
     for batch in loader:
@@ -64,6 +64,8 @@ def teacher_pass(model, meta: ModelMeta, shard: Path, batch_size: int, num_worke
         out = captured["out"] if scores is not None else model.extract(x)
         uids += list(batch["uid"])
         logits.append(out.logits.float().cpu())
+        if maps is not None:
+            maps.append(out.feature_map.float().cpu())
         features.append(out.pooled.float().cpu())
         if scores is not None:
             bn.append(scores.score)
@@ -81,58 +83,91 @@ def teacher_pass(model, meta: ModelMeta, shard: Path, batch_size: int, num_worke
 
 
 def _save_part_pixels(decoded: list[torch.Tensor], path: Path, max_side: int) -> bool:
-    """One shard's decoded images (kd3.data.pixel_cache format, as an .npz part); False (no cache
-    for this pool) when their sizes differ or exceed ``max_side``."""
+    """One shard's decoded images (kd3.data.pixel_cache format) as a part; False (no cache for
+    this pool) when their sizes differ or exceed ``max_side``."""
     stacked = stack_padded([image.numpy() for image in decoded], max_side) if decoded else \
         (np.zeros((0, 1, 1, 1), np.uint8), np.zeros(0, np.uint8))
     if stacked is None:
         return False
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:
-            np.savez(f, pixels=stacked[0], channels=stacked[1])
+    _save_part(path, stacked[0], channels=stacked[1])
     return True
 
 
-def _write_pixel_cache(part_uids: pd.Series, row_uids: pd.Series, parts: Path, shards: list[Path],
-                       out_dir: Path) -> Optional[str]:
-    """Assemble the per-shard pixel parts into the pixel cache in score-cache row order, one part
-    at a time into a memory-mapped file. None (and no cache) when a part is missing (the pool's
-    images differ in size or are too large) or sizes differ between shards."""
-    files = [parts / f"{shard.stem}.pixels.npz" for shard in shards]
-    if not all(f.is_file() for f in files):
-        return None
-    sizes = set()
-    max_channels = 1
-    for f in files:
+def _save_part_maps(maps: list[torch.Tensor], path: Path, max_floats: int) -> bool:
+    """One shard's teacher feature maps as a part; False (no cache) when a map is larger than
+    ``max_floats`` values."""
+    data = torch.cat(maps).numpy() if maps else np.zeros((0, 1, 1, 1), np.float32)
+    if len(data) and data[0].size > max_floats:
+        return False
+    _save_part(path, data)
+    return True
+
+
+def _assemble(parts: list[Path], part_uids: pd.Series, row_uids: pd.Series, path: Path) -> dict[str, np.ndarray]:
+    """Per-shard .npz parts (arrays ``data`` [n, ...] and optional ``channels`` [n], rows in the
+    parts' uid order) → ``path`` (.npy, memory-mapped while written) in score-cache row order,
+    one part at a time; ``data`` is zero-padded on axis 1 to the widest part. Returns the other
+    per-row arrays (``channels``) in row order."""
+    shapes, dtypes = [], set()
+    for f in parts:
         with np.load(f) as part:
-            if len(part["channels"]):
-                sizes.add(part["pixels"].shape[2:])
-                max_channels = max(max_channels, part["pixels"].shape[1])
-    if len(sizes) != 1:
-        return None
+            if len(part["data"]):
+                shapes.append(part["data"].shape[1:])
+                dtypes.add(part["data"].dtype)
+    shape = (max(s[0] for s in shapes), *shapes[0][1:])
     row_of = dict(zip(row_uids, range(len(row_uids))))
-    channels = np.zeros(len(row_uids), np.uint8)
-    path = out_dir / layout.PIXEL_CACHE
+    extra: dict[str, np.ndarray] = {}
     with atomic_path(path) as tmp:
-        cache = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8,
-                                          shape=(len(row_uids), max_channels, *sizes.pop()))
+        cache = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtypes.pop(), shape=(len(row_uids), *shape))
         start = 0
-        for f in files:
+        for f in parts:
             with np.load(f) as part:
-                pixels, part_channels = part["pixels"], part["channels"]
-            uids = part_uids.iloc[start:start + len(part_channels)]
-            start += len(part_channels)
+                arrays = dict(part)
+            n = len(arrays["data"])
+            uids = part_uids.iloc[start:start + n]
+            start += n
             pairs = [(i, row_of[uid]) for i, uid in enumerate(uids) if uid in row_of]
-            if pairs:
-                src, dst = (np.array(v) for v in zip(*pairs))
-                cache[dst, :pixels.shape[1]] = pixels[src]
-                channels[dst] = part_channels[src]
+            if not pairs:
+                continue
+            src, dst = (np.array(v) for v in zip(*pairs))
+            cache[dst, :arrays["data"].shape[1]] = arrays["data"][src]
+            for name, values in arrays.items():
+                if name != "data":
+                    extra.setdefault(name, np.zeros(len(row_uids), values.dtype))[dst] = values[src]
         cache.flush()
         del cache
-    with atomic_path(out_dir / layout.PIXEL_CHANNELS) as tmp:
+    return extra
+
+
+def _save_part(path: Path, data: np.ndarray, **per_row: np.ndarray) -> None:
+    with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
-            np.save(f, channels)
-    return f"{path.name} {path.stat().st_size / 2**20:.1f} MB"
+            np.savez(f, data=data, **per_row)
+
+
+def _write_caches(cfg: PipelineConfig, part_uids: pd.Series, row_uids: pd.Series, parts: Path,
+                  shards: list[Path], out_dir: Path) -> dict[str, Optional[str]]:
+    """The pixel and feature-map caches from the per-shard parts; a cache whose parts are not all
+    there (the pool's images differ in size, or it is switched off or too large) is not written."""
+    written: dict[str, Optional[str]] = {}
+    for name, suffix, path in (("pixel_cache", "pixels", layout.PIXEL_CACHE),
+                               ("feature_map_cache", "maps", layout.FEATURE_MAP_CACHE)):
+        files = [parts / f"{shard.stem}.{suffix}.npz" for shard in shards]
+        written[name] = None
+        if getattr(cfg.score, name) and all(f.is_file() for f in files):
+            sizes = set()
+            for f in files:
+                with np.load(f) as part:
+                    if len(part["data"]):
+                        sizes.add(part["data"].shape[2:])
+            if len(sizes) == 1:
+                extra = _assemble(files, part_uids, row_uids, out_dir / path)
+                if "channels" in extra:
+                    with atomic_path(out_dir / layout.PIXEL_CHANNELS) as tmp:
+                        with open(tmp, "wb") as f:
+                            np.save(f, extra["channels"])
+                written[name] = f"{path} {(out_dir / path).stat().st_size / 2**20:.1f} MB"
+    return written
 
 
 def run(cfg: PipelineConfig, out: StageDir) -> dict[str, Any]:
@@ -143,16 +178,19 @@ def run(cfg: PipelineConfig, out: StageDir) -> dict[str, Any]:
     shards = list_shards(run_dir / layout.DOWNLOAD)
     parts = out.path / "parts"
     parts.mkdir(exist_ok=True)
-    keep_pixels = cfg.score.pixel_cache
+    keep_pixels, keep_maps = cfg.score.pixel_cache, cfg.score.feature_map_cache
     for shard in tqdm(shards, desc=f"[{NAME}] teacher over shards", unit="shard", disable=None):
         part = parts / f"{shard.stem}.parquet"
         if part.exists():
             continue  # finished before an interruption
         decoded: Optional[list[torch.Tensor]] = [] if keep_pixels else None
+        maps: Optional[list[torch.Tensor]] = [] if keep_maps else None
         table = teacher_pass(model, meta, shard, cfg.score.batch_size, cfg.score.num_workers, device,
-                             cfg.score.bn_distance, cfg.score.bn_variance_weight, decoded)
+                             cfg.score.bn_distance, cfg.score.bn_variance_weight, decoded, maps)
         if keep_pixels:
             keep_pixels = _save_part_pixels(decoded, parts / f"{shard.stem}.pixels.npz", cfg.score.pixel_cache_max_side)
+        if keep_maps:
+            keep_maps = _save_part_maps(maps, parts / f"{shard.stem}.maps.npz", cfg.score.feature_map_cache_max_floats)
         with atomic_path(part) as tmp:  # written last: a finished part implies its pixels
             pq.write_table(table, tmp)
     tables = [pq.read_table(parts / f"{s.stem}.parquet") for s in shards]
@@ -172,8 +210,7 @@ def run(cfg: PipelineConfig, out: StageDir) -> dict[str, Any]:
     has_bn = "bn_score" in merged.columns
     if has_bn:
         columns += ["bn_score", "bn_per_layer"]
-    pixels = _write_pixel_cache(scored["uid"], merged["uid"], parts, shards, out.path) \
-        if cfg.score.pixel_cache else None
+    caches = _write_caches(cfg, scored["uid"], merged["uid"], parts, shards, out.path)
     with atomic_path(out.path / layout.SCORE_CACHE) as tmp:
         merged[columns].to_parquet(tmp, index=False)
     shutil.rmtree(parts)
@@ -182,7 +219,7 @@ def run(cfg: PipelineConfig, out: StageDir) -> dict[str, Any]:
     if not has_bn:
         print(f"[{NAME}] note: the teacher has no BatchNorm2d layer, so no BN in-domain score is cached "
               "(selectors that need it refuse to run; use a confidence-based selector instead)")
-    return {"scored": len(merged), "pixel_cache": pixels, "downloaded_ok": len(index), "undecodable": len(index) - len(merged),
+    return {"scored": len(merged), **caches, "downloaded_ok": len(index), "undecodable": len(index) - len(merged),
             "num_classes": meta.num_classes, "feature_dim": int(len(merged["feature"].iloc[0])),
             "teacher_label_counts": {meta.class_names[int(k)]: int(v) for k, v in per_class.items()},
             "bn_layers": [name for name, _ in batchnorm_layers(model)] if has_bn else None}

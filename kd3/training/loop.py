@@ -166,7 +166,10 @@ class Trainer:
         x_t = normalize(batch["teacher_image"].to(self.device), self.teacher_view) if self.teacher_view else x
         z_t = self.scores.logits[batch["row"]].to(self.device)
         f_t = self.scores.features[batch["row"]].to(self.device)
-        step = self.objective(x, x_t, z_t, generator, teacher_feature=f_t)
+        maps = {}
+        if self.scores.feature_maps is not None and self.objective.uses_teacher_feature_map:
+            maps["teacher_feature_map"] = self.scores.feature_map_rows(batch["row"]).to(self.device)
+        step = self.objective(x, x_t, z_t, generator, teacher_feature=f_t, **maps)
         if zero_grad:
             self.optimizer.zero_grad(set_to_none=True)
         (step.loss / self.accumulate if self.accumulate > 1 else step.loss).backward()

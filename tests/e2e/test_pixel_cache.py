@@ -1,4 +1,4 @@
-"""The score stage's decoded-pixel cache gives exactly the images decoding the shards gives."""
+"""The score stage's caches (decoded pixels, teacher feature maps) change speed, never results."""
 
 import shutil
 
@@ -20,6 +20,7 @@ def test_score_writes_the_pool_decoded_once(toy_run):
     assert scores.pixels.pixels.shape[0] == len(scores.frame)
     # the demo pool mixes grey MNIST digits with colour crops: both kinds are cached
     assert set(np.unique(scores.pixels.channels)) == {1, 3}
+    assert scores.feature_maps is not None and scores.feature_maps.shape[0] == len(scores.frame)
 
 
 def test_cached_items_equal_decoded_items(toy_run):
@@ -40,14 +41,16 @@ def test_cached_items_equal_decoded_items(toy_run):
                    for a, b in zip(cached, decoded))
 
 
-def test_training_is_bit_identical_without_the_cache(toy_run, tmp_path):
+def test_training_is_bit_identical_without_the_caches(toy_run, tmp_path):
     run_dir, overrides = toy_run
     run = tmp_path / "run"
     for stage in (layout.DEMO_DATA, layout.DOWNLOAD, layout.SCORE):
         shutil.copytree(run_dir / stage, run / stage)
-    args = ["train", "--config", str(DEMO_CONFIG), "--run-dir", str(run), *overrides, "train.epochs=1"]
+    args = ["train", "--config", str(DEMO_CONFIG), "--run-dir", str(run), *overrides, "train.epochs=1",
+            "train.extra_losses=[nd]"]
     assert main([*args, "train.output=train-cached"]) == 0
     (run / layout.SCORE / layout.PIXEL_CACHE).unlink()
+    (run / layout.SCORE / layout.FEATURE_MAP_CACHE).unlink()
     assert main([*args, "train.output=train-decoded"]) == 0
     a = torch.load(run / "train-cached" / layout.LAST_CHECKPOINT, weights_only=True)
     b = torch.load(run / "train-decoded" / layout.LAST_CHECKPOINT, weights_only=True)
