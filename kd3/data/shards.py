@@ -192,8 +192,12 @@ def canonicalize_shard(path: Path) -> int:
 
     img2dataset writes samples in download-completion order, which differs between two downloads
     of the same URL list; sorting makes a download's shards, and so every later stage's data order,
-    depend only on what was downloaded. Idempotent; streams member by member (no whole-shard load).
+    depend only on what was downloaded. Members are written as plain GNU headers (whole-second
+    mtime, no PAX record): webdataset's tar reading then parses half the header blocks, which
+    halves the read time of small-image shards and their size. Idempotent; streams member by
+    member (no whole-shard load).
     """
+    import copy
     import tarfile
 
     from kd3.runs import atomic_path
@@ -203,11 +207,13 @@ def canonicalize_shard(path: Path) -> int:
         members = [m for m in src.getmembers() if m.isfile()]
         # group by sample key (file name up to the first dot, as webdataset does)
         order = sorted(range(len(members)), key=lambda i: (members[i].name.split(".", 1)[0], members[i].name))
-        if order == list(range(len(members))):
+        plain = all(not m.pax_headers for m in members)
+        if order == list(range(len(members))) and plain:
             return len({m.name.split(".", 1)[0] for m in members})
         with atomic_path(path) as tmp:
-            with tarfile.open(tmp, "w") as dst:
+            with tarfile.open(tmp, "w", format=tarfile.GNU_FORMAT) as dst:
                 for i in order:
-                    member = members[i]
-                    dst.addfile(member, src.extractfile(member))
+                    member = copy.copy(members[i])
+                    member.pax_headers, member.mtime = {}, int(member.mtime)
+                    dst.addfile(member, src.extractfile(members[i]))
     return len({m.name.split(".", 1)[0] for m in members})
