@@ -75,8 +75,12 @@ def test_selection_uses_cached_teacher_logits_never_a_teacher_pass_over_the_pool
 
     monkeypatch.setattr(objectives_module, "load_model", counting_load)
     assert train(tmp_path, overrides, "kd3.teacher_contrastive=off") == 0
+    # the score stage cached the teacher's feature maps: the teacher never runs at all
+    assert seen["teacher_images"] == 0
+    (tmp_path / "score" / "teacher_feature_maps.npy").unlink()
+    assert train(tmp_path, overrides, "kd3.teacher_contrastive=off", "--overwrite") == 0
     metrics = [json.loads(line) for line in (tmp_path / "train" / "metrics.jsonl").read_text().splitlines()]
-    # the teacher ran only on the images trained on (for its feature maps), never over the whole pool
+    # without that cache it runs only on the images trained on (for its feature maps), never over the pool
     assert seen["teacher_images"] == sum(m["samples"] for m in metrics)
 
 
