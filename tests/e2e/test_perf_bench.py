@@ -3,7 +3,11 @@
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import DEMO_CONFIG, REPO
+
+pytestmark = pytest.mark.slow
 
 
 def test_perf_benchmark_runs_every_measure_on_the_toy_run(toy_run, tmp_path):

@@ -3,6 +3,7 @@
 import shutil
 
 import numpy as np
+import pytest
 import torch
 
 from kd3 import layout
@@ -11,6 +12,8 @@ from kd3.data.score_cache import load_teacher_outputs
 from kd3.data.shards import ShardImages, list_shards
 from kd3.models.spec import InputSpec
 from tests.conftest import DEMO_CONFIG
+
+pytestmark = pytest.mark.slow
 
 
 def test_score_writes_the_pool_decoded_once(toy_run):
