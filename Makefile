@@ -27,6 +27,7 @@ $(STAMP): pyproject.toml
 	@test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install -q --upgrade pip
 	$(VENV)/bin/python -m pip install -q $(TORCH_SPEC)
+	# .[dev] = pytest + the demo extra (scikit-learn, scikit-image, mlxtend), which demo and test need
 	$(VENV)/bin/python -m pip install -q -e '.[dev]'
 	@touch $(STAMP)
 

@@ -426,15 +426,22 @@ class InspectSection(Section):
     #: warn when one class holds more than this share of the selected distractors (without ground truth:
     #: of the selected samples)
     warn_class_share: float = Field(default=0.5, gt=0.0, lt=1.0)
-    #: ... and at least this many such samples were selected
+    #: ... and at least this many such samples were selected (also the least pool, and the least confident
+    #: samples of an epoch, that the two warnings below look at)
     warn_min_samples: int = Field(default=10, ge=1)
+    #: warn when the final selection keeps at least this share of the pool (the selector hardly filters;
+    #: expected with the ``all`` selector). A class holding more than warn_class_share of an epoch's
+    #: confident samples (train metrics) is warned about too
+    warn_keep_share: float = Field(default=0.95, gt=0.0, le=1.0)
 
 
 class PipelineConfig(Section):
     run: RunSection = Field(default_factory=RunSection)
     demo_data: DemoDataSection = Field(default_factory=DemoDataSection)
-    download: DownloadSection
-    score: ScoreSection
+    #: download, score and evaluate have required keys, so they have no default: a config may leave out
+    #: any of them, and a stage that reads a missing one refuses to start, naming it (stages.base)
+    download: Optional[DownloadSection] = None
+    score: Optional[ScoreSection] = None
     select: SelectSection = Field(default_factory=SelectSection)
     train: TrainSection = Field(default_factory=TrainSection)
     kd3: Kd3Section = Field(default_factory=Kd3Section)
@@ -442,7 +449,7 @@ class PipelineConfig(Section):
     selectors: dict[str, dict[str, Any]] = Field(default_factory=dict)
     averaging: AveragingSection = Field(default_factory=AveragingSection)
     average: AverageSection = Field(default_factory=AverageSection)
-    evaluate: EvaluateSection
+    evaluate: Optional[EvaluateSection] = None
     inspect: InspectSection = Field(default_factory=InspectSection)
 
     #: where the config came from (for error messages); not part of the YAML
@@ -473,6 +480,8 @@ class PipelineConfig(Section):
 
     def section(self, name: str) -> dict[str, Any]:
         value = getattr(self, name)
+        if value is None:  # a section the config leaves out (only stages that do not read it run)
+            return {}
         return dict(value) if isinstance(value, dict) else value.model_dump(mode="json")
 
     def fingerprint(self, *sections: str) -> str:
@@ -498,7 +507,7 @@ LATER_DEFAULTS: dict[str, dict[str, Any]] = {
     "averaging": AveragingSection().model_dump(mode="json"),
     "demo_data": {"channels": 1, "private_color": [255, 255, 255], "web_shift": None},
     "inspect": {"ground_truth_column": "source", "in_domain_value": "mnist", "true_label_column": "demo_label",
-                "warn_class_share": 0.5, "warn_min_samples": 10},
+                "warn_class_share": 0.5, "warn_min_samples": 10, "warn_keep_share": 0.95},
 }
 #: sections added to an existing stage later: left out of its fingerprint while all at defaults
 LATER_SECTIONS = {"averaging"}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Optional
 
@@ -12,18 +13,26 @@ from kd3.data.pixel_cache import PoolPixels
 from kd3.data.shards import ShardImages, image_loader
 from kd3.errors import Kd3Error
 from kd3.models.spec import InputSpec
+from kd3.progress import Progress
 
 
 @torch.no_grad()
 def pool_logits(model: torch.nn.Module, spec: InputSpec, num_classes: int, shards: list[Path],
                 uid_to_row: dict[str, int], batch_size: int, num_workers: int, device: torch.device,
-                pixels: Optional[PoolPixels] = None) -> torch.Tensor:
+                pixels: Optional[PoolPixels] = None, desc: str = "pool pass",
+                progress: Optional[Progress] = None) -> torch.Tensor:
     """The model's logits on every (un-augmented) pool sample of ``uid_to_row``, in its row order
-    [N, K]; images from the decoded-pixel cache when given."""
+    [N, K]; images from the decoded-pixel cache when given.
+
+    Progress lines are headed ``desc`` (batches), or the pass counts its samples into ``progress``."""
     model.eval()
     logits = torch.full((len(uid_to_row), num_classes), float("nan"))
     loader = image_loader(ShardImages(shards, spec, uid_to_row=uid_to_row, pixels=pixels), batch_size, num_workers)
+    if progress is None:
+        loader = Progress(loader, desc, unit="batch", total=math.ceil(len(uid_to_row) / batch_size))
     for batch in loader:
+        if progress is not None:
+            progress.update(len(batch["row"]))
         logits[batch["row"]] = model(normalize(batch["image"].to(device), spec)).float().cpu()
     missing = torch.isnan(logits[:, 0])
     if missing.any():

@@ -13,6 +13,7 @@ RUN/average*/  <mode>.pt
 RUN/evaluate/  report.json, report.md, reliability_<dataset>.png
 RUN/inspect/   index.html, summary.*, plots/, sheets/
 ```
+Every stage folder also holds ``meta.json`` and ``stage.log``.
 """
 
 from __future__ import annotations
@@ -42,6 +43,8 @@ SELECTION_DIR = "selection"
 VALIDATION = "validation.parquet"
 METRICS = "metrics.jsonl"
 LAST_CHECKPOINT = "last.pt"
+#: every stage folder: the stage's log, appended to on --resume (kd3.logs)
+STAGE_LOG = "stage.log"
 
 
 def epoch_checkpoint(epoch: int) -> str:

@@ -231,7 +231,10 @@ def stage_input_fingerprint(run_dir: Path, stage: str) -> str:
 
 @contextlib.contextmanager
 def capture_stdout() -> Iterator[io.StringIO]:
-    """Collect a noisy library's prints (img2dataset reports through print)."""
+    """Collect a noisy library's prints (img2dataset reports through print); kd3's own messages
+    (progress lines from another thread) still reach the console."""
+    from kd3.logs import console_pinned
+
     buf = io.StringIO()
-    with contextlib.redirect_stdout(buf):
+    with console_pinned(), contextlib.redirect_stdout(buf):
         yield buf

@@ -49,6 +49,8 @@ def toy_run(tmp_path_factory):
     steps = [["demo-data"], ["download"], ["score"], ["select"], ["train"],
              ["train", "train.objective=kd", "train.selector=teacher_confidence", "train.output=train-kd"], ["average"], ["evaluate"]]
     for stage, *extra in steps:
-        code = main([stage, "--config", str(DEMO_CONFIG), "--run-dir", str(run_dir), *overrides, *extra])
+        # a progress line at every step, so the stage logs show each loop's (toy runs are too quick for 5 s)
+        code = main([stage, "--config", str(DEMO_CONFIG), "--run-dir", str(run_dir), "--progress-every", "1e-9",
+                     *overrides, *extra])
         assert code == 0, f"stage {stage} {extra} failed"
     return run_dir, overrides

@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import logging
 import os
 import platform
 import shlex
 import sys
 import time
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 NAME = "bench"
 SUMMARY = "quality benchmark: methods × seeds × scenarios → BENCHMARKS.md (tables, per-epoch plots)"
@@ -87,14 +90,14 @@ def main(args: argparse.Namespace) -> int:
                 "the pool, never given to a method).", ""]
     for scenario in scenarios:
         started = time.monotonic()
-        sr = cells.scenario_run(spec, scenario, runs_dir, args.quick, device, print)
+        sr = cells.scenario_run(spec, scenario, runs_dir, args.quick, device, log.info)
         results: dict = {}
         for name in methods:
             for seed in seeds:
                 try:
-                    results[(name, seed)] = cells.run_cell(spec, sr, name, seed, results, print)
+                    results[(name, seed)] = cells.run_cell(spec, sr, name, seed, results, log.info)
                 except Kd3Error as exc:
-                    print(f"[bench] {scenario} {name} seed {seed}: failed: {exc}")
+                    log.warning(f"[bench] {scenario} {name} seed {seed}: failed: {exc}")
                     results[(name, seed)] = {"method": name, "seed": seed, "error": str(exc)}
         rows = report.summarise(sr.scenario.private_dataset, sr.scenario.shifted_dataset, results, methods)
         plot = report.curves_plot(plots_dir / f"quality_{scenario}{'_quick' if args.quick else ''}.png", scenario, rows)
@@ -114,9 +117,9 @@ def main(args: argparse.Namespace) -> int:
                                              for m in methods), "",
                      f"![accuracy per epoch]({os.path.relpath(plot, output.parent)})",
                      ""]
-        print(report.table(spec, rows))
+        log.info(report.table(spec, rows))
         for line in report.verdict(spec, rows):
-            print(line)
+            log.info(line)
     report.write_section(output, "\n".join(sections))
-    print(f"[bench] wrote {output}")
+    log.info(f"[bench] wrote {output}")
     return 0

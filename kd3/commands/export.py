@@ -14,7 +14,10 @@ found in the shards (listed in missing_uids.txt).
 from __future__ import annotations
 
 import argparse
+import logging
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 NAME = "export"
 SUMMARY = "write a filtered selection as new webdataset shards (a resharder for other tools)"
@@ -56,10 +59,10 @@ def main(args: argparse.Namespace) -> int:
                               args={k: v for k, v in vars(args).items() if k != "func"})
     if args.dry_run:
         return 0
-    print(f"[{NAME}] wrote {counts['written']} of {counts['expected']} sample(s) from {refs[0].name} into "
-          f"{counts['shards']} shard(s) in {args.output}")
+    log.info(f"[{NAME}] wrote {counts['written']} of {counts['expected']} sample(s) from {refs[0].name} into "
+             f"{counts['shards']} shard(s) in {args.output}")
     if counts["missing"]:
-        print(f"[{NAME}] warning: {counts['missing']} sample(s) not found in {shards}; "
-              f"see {Path(args.output) / 'missing_uids.txt'}")
+        log.warning(f"[{NAME}] warning: {counts['missing']} sample(s) not found in {shards}; "
+                    f"see {Path(args.output) / 'missing_uids.txt'}")
         return 1
     return 0

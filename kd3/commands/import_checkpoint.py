@@ -13,6 +13,9 @@ forward pass at the given input size and written atomically. See docs/models.md.
 from __future__ import annotations
 
 import argparse
+import logging
+
+log = logging.getLogger(__name__)
 
 NAME = "import-checkpoint"
 SUMMARY = "make a kd3 teacher checkpoint from your own trained weights (torchvision, timm, CIFAR ResNet/WRN, …)"
@@ -70,5 +73,5 @@ def main(args: argparse.Namespace) -> int:
     if meta.options.get("feature_map"):
         split = (f"; split found: feature map = output of {meta.options['feature_map']!r}, "
                  f"{meta.options['pool']} pool, classifier {meta.options['classifier']!r}")
-    print(f"wrote {out}: {args.arch}, {num_classes} classes, input {size}; {summary}{split}")
+    log.info(f"wrote {out}: {args.arch}, {num_classes} classes, input {size}; {summary}{split}")
     return 0

@@ -10,7 +10,10 @@ Examples:
 from __future__ import annotations
 
 import argparse
+import logging
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 NAME = "query"
 SUMMARY = "filter a selection manifest (epoch, class, confidence, selected) to CSV/parquet, or summarise it"
@@ -82,7 +85,7 @@ def main(args: argparse.Namespace) -> int:
         if output.exists() and not args.overwrite:
             raise Kd3Error(f"--output {output} exists; pass --overwrite to replace it")
         rows = write_rows(batches(), schema, output)
-        print(f"[{NAME}] {rows} row(s) from {len(refs)} manifest(s) -> {output}")
+        log.info(f"[{NAME}] {rows} row(s) from {len(refs)} manifest(s) -> {output}")
         return 0
     if args.limit < 0:
         raise Kd3Error(f"--limit {args.limit}: must be 0 or more")
@@ -94,8 +97,8 @@ def main(args: argparse.Namespace) -> int:
         total += batch.num_rows
     if head:
         frame = pa.Table.from_batches(head).to_pandas()
-        print(frame.to_string(index=False, max_colwidth=60))
+        print(frame.to_string(index=False, max_colwidth=60))  # the rows are the output, not a log message
     shown = min(total, args.limit)
-    print(f"[{NAME}] {total} row(s) match in {len(refs)} manifest(s)"
-          + (f"; showing {shown} (use --limit or --output for more)" if shown < total else ""))
+    log.info(f"[{NAME}] {total} row(s) match in {len(refs)} manifest(s)"
+             + (f"; showing {shown} (use --limit or --output for more)" if shown < total else ""))
     return 0

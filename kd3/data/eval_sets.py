@@ -112,6 +112,8 @@ class EvalSet:
     def __init__(self, name: str, path: Path, kind: str):
         self.name, self.path, self.kind = name, path, kind
         self.skipped = 0
+        #: number of images when known before reading them (for progress lines); None for shards
+        self.size: Optional[int] = None
 
     def batches(self, batch_size: int) -> Iterator[tuple[Images, torch.Tensor]]:
         raise NotImplementedError
@@ -136,6 +138,7 @@ class NpzEvalSet(EvalSet):
         self.labels = torch.from_numpy(np.asarray(labels).astype(np.int64))
         if len(self.labels) and (int(self.labels.min()) < 0 or int(self.labels.max()) >= num_classes):
             raise Kd3Error(f"{path}: labels outside 0..{num_classes - 1}")
+        self.size = len(self.labels)
 
     def batches(self, batch_size: int) -> Iterator[tuple[Images, torch.Tensor]]:
         for start in range(0, len(self.labels), batch_size):
@@ -151,6 +154,7 @@ class FolderEvalSet(EvalSet):
                            if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
         if not self.files:
             raise Kd3Error(f"{path}: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in its class folders")
+        self.size = len(self.files)
 
     def batches(self, batch_size: int) -> Iterator[tuple[Images, torch.Tensor]]:
         yield from _decoded_batches(self, ((file.read_bytes(), label) for file, label in self.files), batch_size)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import logging
 import math
 import os
 import shutil
@@ -30,6 +31,8 @@ from kd3.inspect.manifests import ManifestRef, prediction_columns, require_colum
 from kd3.inspect.query import RowFilter, filtered_batches, schema_of
 from kd3.inspect.tars import find_samples
 from kd3.runs import atomic_path, atomic_write_json, atomic_write_text, file_fingerprint
+
+log = logging.getLogger(__name__)
 
 COMMAND = "export"
 _STAGING = ".partial"
@@ -106,7 +109,7 @@ def export_selection(ref: ManifestRef, flt: RowFilter, shards_dir: Path, output:
     if pc.count_distinct(table.column("uid")).as_py() != expected:
         raise Kd3Error(f"{ref.path}: the filtered rows repeat uids; export one manifest (one --epoch) at a time")
     if dry_run:
-        print(f"[{COMMAND}] dry run: {expected} sample(s) of {ref.path} would go to {output}")
+        log.info(f"[{COMMAND}] dry run: {expected} sample(s) of {ref.path} would go to {output}")
         return {"expected": expected, "written": 0, "dry_run": True}
 
     import webdataset as wds  # imports torch: only here, not for summaries and sheets

@@ -3,6 +3,10 @@
 The page is plain HTML with inline CSS: no script, no server, no external URL (sample URLs are
 shown as text, never linked), so it opens from disk and can be copied as a folder. Every link is
 relative and is checked to exist before the build reports success.
+
+Built with f-strings rather than a template engine (jinja2): the page is a few short functions in
+which every value passes through ``_esc``; a template would add a package-data file and a dependency
+for no fewer lines.
 """
 
 from __future__ import annotations
@@ -19,8 +23,9 @@ from kd3 import __version__
 from kd3.errors import Kd3Error
 from kd3.inspect.manifests import TRAIN_DIR, ManifestRef, find_manifests
 from kd3.inspect.sheets import SECTIONS, Sheet, build_sheets
-from kd3.inspect.summary import RunSummary, Table, format_summary, summarize_run, tables, warning_lines
+from kd3.inspect.summary import RunSummary, Table, format_summary, selection_lines, summarize_run, tables, warning_lines
 from kd3.inspect.truth import DEFAULT_TRUTH, TruthSettings
+from kd3.progress import Progress
 from kd3.runs import atomic_write_json, atomic_write_text
 
 INDEX = "index.html"
@@ -63,6 +68,7 @@ class InspectResult:
                 "tiles": sum(len(s.tiles) for s in self.sheets),
                 "tiles_missing": sum(t.status != "ok" for s in self.sheets for t in s.tiles),
                 "ground_truth": self.summary.truth is not None, "warnings": len(self.summary.absorptions),
+                "selection_warnings": len(selection_lines(self.summary)),
                 "index": str(self.index)}
 
 
@@ -128,10 +134,17 @@ def render_html(summary: RunSummary, out_dir: Path, plots: dict[str, Path], shee
             f"{len(summary.manifests)} manifest(s), {len(summary.class_names)} classes · generated {now} · "
             f"kd3 {_esc(__version__)}</p><nav>"
             + "".join(f'<a href="#{_esc(a)}">{_esc(t)}</a>' for a, t in nav) + "</nav></header>"]
-    warnings = warning_lines(summary)
-    if warnings:
-        items = "".join(f"<li>{_esc(line.strip())}</li>" for line in warnings[1:])
-        body.append(f'<div class="warning" id="warnings"><p><b>{_esc(warnings[0])}</b></p><ul>{items}</ul></div>')
+    groups: list[list[str]] = []  # a headline, then the indented lines under it
+    for line in warning_lines(summary):
+        if line.startswith(" ") and groups:
+            groups[-1].append(line.strip())
+        else:
+            groups.append([line])
+    if groups:
+        banner = "".join(f"<p><b>{_esc(head)}</b></p>"
+                         + (f"<ul>{''.join(f'<li>{_esc(item)}</li>' for item in items)}</ul>" if items else "")
+                         for head, *items in groups)
+        body.append(f'<div class="warning" id="warnings">{banner}</div>')
     body += [table_html(t) for t in head]
     if summary.truth_note:
         body.append(f'<p class="note" id="ground-truth-note">{_esc(summary.truth_note)}</p>')
@@ -205,25 +218,34 @@ def build_report(run_dir: Path, out_dir: Path, top_n: int = 16, bottom_n: int = 
     from kd3.inspect import plots as P
 
     run_dir, out_dir = Path(run_dir), Path(out_dir)
+    plot_dir = out_dir / PLOTS_DIR
+    candidates = {  # each returns None when it has nothing to show (called once the summary exists)
+        "selection size per class": lambda: P.plot_selection_per_class(summary, plot_dir / "selection_per_class.png",
+                                                                       max_classes),
+        "class thresholds τ_k and α": lambda: P.plot_thresholds(summary, plot_dir / "thresholds.png", max_classes),
+        "training curves": lambda: P.plot_training(summary.metrics, plot_dir / "training.png"),
+        "confidence histogram": lambda: P.plot_confidence(summary, plot_dir / "confidence.png"),
+        "purity and in-domain recall (ground truth)": lambda: P.plot_ground_truth(summary, plot_dir / "purity.png"),
+    }
+    # the summary, each plot, the contact sheets, the page: matplotlib and the shard reads take seconds each
+    progress = Progress(desc="[inspect] report", unit="parts", total=len(candidates) + 3)
     refs = list(refs) if refs is not None else find_manifests(run_dir, train)
     summary = summarize_run(run_dir, histogram_bins, refs, train, truth)
     text = format_summary(summary, max_classes)
     atomic_write_text(out_dir / "summary.txt", text + "\n")
     atomic_write_json(out_dir / "summary.json", summary.to_dict())
-    plot_dir = out_dir / PLOTS_DIR
-    candidates = {
-        "selection size per class": P.plot_selection_per_class(summary, plot_dir / "selection_per_class.png",
-                                                               max_classes),
-        "class thresholds τ_k and α": P.plot_thresholds(summary, plot_dir / "thresholds.png", max_classes),
-        "training curves": P.plot_training(summary.metrics, plot_dir / "training.png"),
-        "confidence histogram": P.plot_confidence(summary, plot_dir / "confidence.png"),
-        "purity and in-domain recall (ground truth)": P.plot_ground_truth(summary, plot_dir / "purity.png"),
-    }
-    plots = {name: path for name, path in candidates.items() if path is not None}
+    progress.update()
+    plots = {}
+    for name, plot in candidates.items():
+        made = plot()
+        if made is not None:
+            plots[name] = made
+        progress.update()
     final_ref = next(r for r in refs if str(r.path) == summary.final.path)
     classes = list(range(len(summary.class_names)))[:max_classes]
     sheets = build_sheets(final_ref, run_dir / "download" / "shards", out_dir / SHEETS_DIR, summary.class_names,
                           classes, summary.final.selected_per_class, top_n, bottom_n, rejected_n, thumbnail_size)
+    progress.update()
     files = [out_dir / "summary.txt", out_dir / "summary.json", *plots.values()]
     if (out_dir / "meta.json").is_file():
         files.append(out_dir / "meta.json")
@@ -233,4 +255,6 @@ def build_report(run_dir: Path, out_dir: Path, top_n: int = 16, bottom_n: int = 
     problems = check_links(index)
     if problems:  # a bug, not a user error; fail loudly rather than hand out a broken page
         raise Kd3Error(f"{index}: broken links: {', '.join(problems[:5])}")
+    progress.update()
+    progress.close()
     return InspectResult(index, summary, text, plots, sheets)

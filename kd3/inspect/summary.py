@@ -26,6 +26,7 @@ from kd3.inspect.manifests import (TRAIN_DIR, ManifestRef, class_names as read_c
                                    find_manifests, iter_batches, prediction_columns, uid_hashes)
 from kd3.inspect.truth import DEFAULT_TRUTH, GroundTruth, TruthSettings, load_ground_truth
 from kd3 import layout
+from kd3.progress import Progress
 from kd3.runs import read_jsonl
 
 #: training-metric keys shown in tables and plots when metrics.jsonl has them
@@ -347,6 +348,7 @@ class RunSummary:
                 "warning_thresholds": {"share": self.truth_settings.warn_share,
                                        "min_samples": self.truth_settings.warn_min_samples},
                 "warnings": [a.to_dict(self.class_names) for a in self.absorptions],
+                "selection_warnings": selection_lines(self),
                 "warning_text": warning_lines(self, limit=None)}
 
 
@@ -382,7 +384,7 @@ def summarize(refs: Sequence[ManifestRef], class_names: Optional[Sequence[str]] 
     previous: Optional[np.ndarray] = None
     num_classes = len(class_names) if class_names else None
     ground_truth, note = load_ground_truth(run_dir, truth, class_names)
-    for ref in refs:
+    for ref in Progress(refs, "[inspect] summarising manifests", unit="manifest"):
         item, uids = summarize_manifest(ref, num_classes, bins, by, ground_truth)
         if ref.epoch is not None:
             if previous is not None:
@@ -434,7 +436,8 @@ class Table:
         return self
 
     def to_text(self, max_cols: int = 14, max_rows: int = 40) -> str:
-        """Aligned text; wide tables keep the first, last and evenly spaced columns between."""
+        """Aligned text; wide tables keep the first, last and evenly spaced columns between.
+        (Own code, not tabulate: the column thinning and the notes are what it adds.)"""
         cols = list(range(len(self.header)))
         if len(cols) > max_cols:
             keep = sorted({0, 1, *np.linspace(1, len(cols) - 1, max_cols - 1).round().astype(int).tolist()})
@@ -601,7 +604,7 @@ def class_recall_table(summary: RunSummary, max_classes: Optional[int] = None) -
                       f"in-domain: those samples in the {final.name} manifest; — : none in the manifest")
 
 
-def warning_lines(summary: RunSummary, limit: Optional[int] = 5) -> list[str]:
+def absorption_lines(summary: RunSummary, limit: Optional[int] = 5) -> list[str]:
     """A headline and one line per manifest where one class absorbs the distractors (final first); [] if none."""
     found = summary.absorptions
     if not found:
@@ -631,6 +634,39 @@ def warning_lines(summary: RunSummary, limit: Optional[int] = 5) -> list[str]:
     return lines
 
 
+def selection_lines(summary: RunSummary) -> list[str]:
+    """Headlines for two signs of a selection that does not do its job: one class holding more than
+    ``warn_share`` of an epoch's confident samples (the train metrics' ``confident_per_class``), and a
+    final selection keeping at least ``warn_keep_share`` of the pool; [] if neither."""
+    settings, lines = summary.truth_settings, []
+    flagged = []
+    for m in summary.epochs:
+        confident = summary.metrics.get(m.epoch, {}).get("confident_per_class") or {}
+        total = sum(confident.values())
+        if total and total >= settings.warn_min_samples:
+            name, top = max(confident.items(), key=lambda kv: kv[1])
+            if top / total > settings.warn_share:
+                flagged.append((m.name, name, top, total))
+    if flagged:
+        last, name, top, total = flagged[-1]
+        lines.append(f"WARNING: one class holds more than {_pct(settings.warn_share)} of the confident samples in "
+                     f"{len(flagged)} of {len(summary.epochs)} epoch(s); last {last}: class {name!r}, {top} of {total}; "
+                     "the other classes' thresholds fall towards 0 (see selectors.kd3_dynamic.threshold_floor / "
+                     "max_class_share)")
+    final = summary.final
+    if final.rows and final.rows >= settings.warn_min_samples and final.selected / final.rows >= settings.warn_keep_share:
+        lines.append(f"WARNING: the final selection ({final.name}) keeps {_pct(final.selected / final.rows)} of the pool "
+                     f"({final.selected} of {final.rows}): it hardly filters anything (expected only with the `all` "
+                     "selector; otherwise raise the selector's threshold)")
+    return lines
+
+
+def warning_lines(summary: RunSummary, limit: Optional[int] = 5) -> list[str]:
+    """Every warning: the absorbed distractors (a headline, then a line per manifest), then the selection's
+    own (one headline each); [] if none. A headline starts with "WARNING", the lines under it with spaces."""
+    return absorption_lines(summary, limit) + selection_lines(summary)
+
+
 def tables(summary: RunSummary, max_classes: Optional[int] = None) -> list[Table]:
     """The report's tables, in order; the pool table only when the run's meta files say something."""
     out = [pool_table(summary)] if summary.pool else []
@@ -651,7 +687,8 @@ def format_summary(summary: RunSummary, max_classes: Optional[int] = None) -> st
     Warnings (a class absorbing the distractors) come first, the ground-truth note (why there is
     none) last.
     """
-    parts = ["\n".join(warning_lines(summary))] if summary.absorptions else []
+    warnings = warning_lines(summary)
+    parts = ["\n".join(warnings)] if warnings else []
     parts += [t.to_text() for t in tables(summary, max_classes)]
     if summary.truth_note:
         parts.append(summary.truth_note)

@@ -40,6 +40,8 @@ class TruthSettings:
     warn_share: float = 0.5
     #: ... and that many samples are at least this many (a handful of selected distractors says little)
     warn_min_samples: int = 10
+    #: warn when the final selection keeps at least this share of the pool (selection hardly filters)
+    warn_keep_share: float = 0.95
 
 
 DEFAULT_TRUTH = TruthSettings()

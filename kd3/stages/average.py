@@ -13,6 +13,8 @@ validation samples excluded); off by default, as in the WAKD reference.
 
 from __future__ import annotations
 
+import logging
+import math
 from pathlib import Path
 from typing import Any, Optional
 
@@ -29,8 +31,11 @@ from kd3.errors import Kd3Error
 from kd3.methods.averaging_tracker import TrainingAverages
 from kd3.models import InputSpec, ModelMeta, build_model, read_checkpoint, save_checkpoint
 from kd3.models.checkpoints import load_state_dict_strict
+from kd3.progress import Progress
 from kd3.runs import StageDir, read_meta, require_complete, stage_input_fingerprint
 from kd3.runtime import configure
+
+log = logging.getLogger(__name__)
 
 NAME = "average"
 SUMMARY = "write the WAKD / SMA / SWAD averages kept by train as student checkpoints (optional BN recompute)"
@@ -95,7 +100,9 @@ def recompute_bn(model: nn.Module, spec: InputSpec, shards: list[Path], uid_to_r
             m.reset_running_stats()
             m.momentum = None
         loader = image_loader(ShardImages(shards, spec, uid_to_row=uid_to_row, pixels=pixels), batch_size, 0)
-        for b, batch in enumerate(loader):
+        n_batches = math.ceil(len(uid_to_row) / batch_size)
+        total = n_batches if max_batches is None else min(max_batches, n_batches)
+        for b, batch in enumerate(Progress(loader, f"[{NAME}] BatchNorm statistics", unit="batch", total=total)):
             if max_batches is not None and b >= max_batches:
                 break
             model(normalize(batch["image"].to(device), spec))
@@ -147,11 +154,11 @@ def run(cfg: PipelineConfig, out: StageDir) -> dict[str, Any]:
         save_checkpoint(path, model, meta, averaged={"mode": mode, "source": str(last), **info})
         described[mode] = info
         if mode == "swad" and info.get("fallback"):
-            print(f"[{NAME}] warning: SWAD found {info['fallback']} (validation losses: "
-                  f"{', '.join(f'{v:.4f}' for v in info['val_losses']) or 'none'}); see averaging.swad_eval_every")
+            log.warning(f"[{NAME}] warning: SWAD found {info['fallback']} (validation losses: "
+                        f"{', '.join(f'{v:.4f}' for v in info['val_losses']) or 'none'}); see averaging.swad_eval_every")
         window = (f", window segments {info['window'][0]}–{info['window'][1]} (steps {info['steps'][0]}–"
                   f"{info['steps'][1]})" if info.get("window") else "")
-        print(f"[{NAME}] {mode}: average of {info['n_averaged']} iterates{window} -> {path}")
+        log.info(f"[{NAME}] {mode}: average of {info['n_averaged']} iterates{window} -> {path}")
     return {"source": str(last), "steps": trainer.get("global_step"),
             "n_averaged": {m: i["n_averaged"] for m, i in described.items()},
             "swad_window": described.get("swad", {}).get("window"),

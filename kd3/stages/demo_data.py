@@ -12,6 +12,7 @@ the loopback server serves),
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,8 @@ from kd3.inference import batch_logits
 from kd3.models import InputSpec, ModelMeta, build_model, load_model, save_checkpoint
 from kd3.runs import StageDir, append_jsonl, atomic_path
 from kd3.runtime import configure
+
+log = logging.getLogger(__name__)
 
 NAME = "demo-data"
 SUMMARY = "train the demo teacher on private digits; write the web pool and its URL list"
@@ -81,8 +84,8 @@ def _train_teacher(cfg: PipelineConfig, out: StageDir, device: torch.device):
             test_acc = (model(x_test_n).argmax(1).cpu() == y_test).float().mean().item()
         record = {"epoch": epoch, "loss": loss_sum / total, "train_acc": correct / total, "private_test_acc": test_acc}
         append_jsonl(out.path / "teacher_metrics.jsonl", record)
-        print(f"[{NAME}] teacher epoch {epoch + 1}/{dd.teacher_epochs}: loss {record['loss']:.3f} "
-              f"train acc {record['train_acc']:.3f} private test acc {test_acc:.3f}")
+        log.info(f"[{NAME}] teacher epoch {epoch + 1}/{dd.teacher_epochs}: loss {record['loss']:.3f} "
+                 f"train acc {record['train_acc']:.3f} private test acc {test_acc:.3f}")
     save_checkpoint(out.path / "teacher.pt", model, meta, trained_on="sklearn digits (private train split)")
     return x_train, y_train, x_test, y_test, test_acc
 
@@ -110,14 +113,14 @@ def run(cfg: PipelineConfig, out: StageDir) -> dict[str, Any]:
     url_list = Path(dd.url_list)
     with atomic_path(url_list) as tmp:
         urls.to_parquet(tmp, index=False)
-    print(f"[{NAME}] teacher private test accuracy {test_acc:.4f}; web pool of {len(urls)} URLs -> {url_list}")
+    log.info(f"[{NAME}] teacher private test accuracy {test_acc:.4f}; web pool of {len(urls)} URLs -> {url_list}")
     counts = {"private_train": n_train, "private_test": len(y_test), "teacher_private_test_acc": round(test_acc, 4),
               "web_urls": len(urls), "web_by_source": urls["source"].value_counts().to_dict(),
               "mnist_shifted_test": len(held_out["labels"]), "url_list": str(url_list)}
     if len(held_out["labels"]):
         shifted_acc = _accuracy(out.path / "teacher.pt", held_out, device)
         counts["teacher_mnist_shifted_test_acc"] = round(shifted_acc, 4)
-        print(f"[{NAME}] teacher accuracy on the shifted held-out digits {shifted_acc:.4f}")
+        log.info(f"[{NAME}] teacher accuracy on the shifted held-out digits {shifted_acc:.4f}")
     return counts
 
 

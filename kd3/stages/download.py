@@ -9,11 +9,14 @@ Failed URLs are recorded in the per-shard parquet (``status``, ``error_message``
 from __future__ import annotations
 
 import contextlib
+import json
+import logging
 import math
 import os
+import sys
+import threading
 from pathlib import Path
 from typing import Any
-
 
 from kd3 import layout
 from kd3.config import PipelineConfig, require_file, resolve_path
@@ -22,7 +25,10 @@ from kd3.data.loopback import serve_directory
 from kd3.data.manifest import read_url_list
 from kd3.data.shards import canonicalize_shard, read_download_index, shards_dir
 from kd3.errors import ConfigError, Kd3Error
+from kd3.progress import Progress
 from kd3.runs import StageDir, atomic_path, capture_stdout, file_fingerprint
+
+log = logging.getLogger(__name__)
 
 NAME = "download"
 SUMMARY = "fetch the URL list with img2dataset into webdataset shards (+ per-shard parquet)"
@@ -58,12 +64,53 @@ def _failure_reason(message: Any) -> str:
     return text.split(":")[0][:60]
 
 
+def _urls_done(out_dir: Path, seen: dict[str, int]) -> int:
+    """URLs in shards finished since the last call (img2dataset writes NNNNN_stats.json when a shard is done)."""
+    new = 0
+    for stats in out_dir.glob("*_stats.json"):
+        if stats.name not in seen:
+            try:
+                seen[stats.name] = int(json.loads(stats.read_text()).get("count", 0))
+            except (OSError, ValueError):
+                continue  # being written; read it next time
+            new += seen[stats.name]
+    return new
+
+
+@contextlib.contextmanager
+def _shard_progress(out_dir: Path, total: int, poll: float = 1.0):
+    """Progress lines (URLs done, rate, ETA) from img2dataset's finished shards, polled in a thread."""
+    seen: dict[str, int] = {}
+    progress = Progress(desc=f"[{NAME}] img2dataset", unit="URLs", total=total, initial=_urls_done(out_dir, seen))
+    stop = threading.Event()
+
+    def watch() -> None:
+        while not stop.wait(poll):
+            progress.update(_urls_done(out_dir, seen))
+
+    thread = threading.Thread(target=watch, name="kd3-download-progress", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+        progress.update(_urls_done(out_dir, seen))
+        progress.close()
+
+
+def _bar_into(buffer):
+    """img2dataset's shard counter (a tqdm bar on stderr) into ``buffer`` when stderr is not a terminal,
+    where it would be a run of carriage returns; kd3's own progress lines say the same there."""
+    return contextlib.nullcontext() if sys.stderr.isatty() else contextlib.redirect_stderr(buffer)
+
+
 def _download(cfg: PipelineConfig, resolved: Path, out_dir: Path, extra_columns: list[str]) -> str:
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations otherwise calls home
     from img2dataset import download
 
     d = cfg.download
-    with capture_stdout() as printed:
+    with capture_stdout() as printed, _bar_into(printed):
         download(
             url_list=str(resolved), input_format="parquet", url_col="url",
             save_additional_columns=extra_columns, output_format="webdataset", output_folder=str(out_dir),
@@ -98,13 +145,14 @@ def run(cfg: PipelineConfig, out: StageDir) -> dict[str, Any]:
         if base_url is not None:
             port = base_url.rsplit(":", 1)[1]
             resolved["url"] = resolved["url"].str.replace(PORT_PLACEHOLDER, port, regex=False)
-            print(f"[{NAME}] serving {serve_root} at {base_url} (loopback only)")
+            log.info(f"[{NAME}] serving {serve_root} at {base_url} (loopback only)")
         # img2dataset reads the list from a file; keep it outside shards/ (its resume parses that folder)
         resolved_path = out.path / ".url_list_resolved.parquet"
         with atomic_path(resolved_path) as tmp:
             resolved.to_parquet(tmp, index=False)
-        print(f"[{NAME}] downloading {len(urls)} URLs into {n_shards} shard(s) with img2dataset …")
-        log_text = _download(cfg, resolved_path, out_dir, extra_columns)
+        log.info(f"[{NAME}] downloading {len(urls)} URLs into {n_shards} shard(s) with img2dataset …")
+        with _shard_progress(out_dir, len(urls)):
+            log_text = _download(cfg, resolved_path, out_dir, extra_columns)
         resolved_path.unlink(missing_ok=True)
     (out.path / "img2dataset.log").write_text(log_text)
     done = len(list(out_dir.glob("*_stats.json")))
@@ -118,7 +166,7 @@ def run(cfg: PipelineConfig, out: StageDir) -> dict[str, Any]:
     index["url"] = index["uid"].map(dict(zip(urls["uid"], urls["url"])))
     reasons = index.loc[index["status"] != "success", "error_message"].map(_failure_reason).value_counts()
     n_ok = int((index["status"] == "success").sum())
-    print(f"[{NAME}] ok {n_ok}, failed {len(index) - n_ok} of {len(index)}"
-          + (f" ({', '.join(f'{k}: {v}' for k, v in reasons.items())})" if len(reasons) else ""))
+    log.info(f"[{NAME}] ok {n_ok}, failed {len(index) - n_ok} of {len(index)}"
+             + (f" ({', '.join(f'{k}: {v}' for k, v in reasons.items())})" if len(reasons) else ""))
     return {"urls": len(urls), "ok": n_ok, "failed": int(len(index) - n_ok), "shards": n_shards,
             "failures_by_reason": {str(k): int(v) for k, v in reasons.items()}}

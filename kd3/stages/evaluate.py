@@ -15,6 +15,7 @@ diagram per model). The comparison table is printed.
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 from pathlib import Path
@@ -32,8 +33,11 @@ from kd3.errors import ConfigError, Kd3Error
 from kd3.inference import batch_logits, pool_logits
 from kd3.methods.fidelity import fidelity_report, per_class_accuracy, reliability_bins
 from kd3.models import check_checkpoint_code, load_model, read_checkpoint
+from kd3.progress import Progress
 from kd3.runs import StageDir, atomic_path, atomic_write_json, atomic_write_text, file_fingerprint, read_meta
 from kd3.runs import stage_input_fingerprint
+
+log = logging.getLogger(__name__)
 
 NAME = "evaluate"
 SUMMARY = "accuracy, agreement, KL, ECE and per-class accuracy of teacher and students; reliability diagrams"
@@ -205,19 +209,38 @@ def run(cfg: PipelineConfig, out: StageDir) -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
     skipped: dict[str, int] = {}
     plots = []
-    for d in e.datasets:
-        data = eval_sets.open_eval_set(d.name, resolve_path(d.path, run_dir), class_names, d.format, d.label_key)
+    sets = [(d, eval_sets.open_eval_set(d.name, resolve_path(d.path, run_dir), class_names, d.format, d.label_key))
+            for d in e.datasets]
+    pool = None
+    if e.distillation_samples != 0 and e.students:
+        if _uses_pool(cfg, run_dir):
+            scores = load_teacher_outputs(run_dir)
+            uids = list(scores.frame["uid"])
+            n = len(uids) if e.distillation_samples is None else min(e.distillation_samples, len(uids))
+            chosen = subsets.uid_hash_rows(uids, n, subsets.DISTILLATION_SAMPLE).tolist()
+            pool = ({scores.frame["uid"].iloc[r]: i for i, r in enumerate(chosen)},
+                    scores.logits[torch.tensor(chosen, dtype=torch.long)], scores.pixels)
+        else:
+            log.info(f"[{NAME}] note: no finished score stage in {run_dir}: agreement on the distillation data "
+                     "skipped (evaluate.distillation_samples=0 silences this)")
+    # one progress count for the whole stage: each evaluation image (through every model at once), then
+    # each pool sample once per student
+    sizes = [data.size for _, data in sets]
+    total = None if None in sizes else sum(sizes) + (len(pool[0]) * len(e.students) if pool else 0)
+    progress = Progress(desc=f"[{NAME}] images through {len(models)} model(s)", unit="images", total=total)
+    for d, data in sets:
         logits: dict[str, list[torch.Tensor]] = {name: [] for name in models}
         labels = []
         for images, y in data.batches(e.batch_size):
             labels.append(y)
             for name, (model, meta) in models.items():
                 logits[name].append(batch_logits(model, meta.input, images, device))
+            progress.update(len(y))
         if not labels:
             raise Kd3Error(f"{data.path}: evaluation set {d.name!r} has no decodable image")
         if data.skipped:
             skipped[d.name] = data.skipped
-            print(f"[{NAME}] warning: {d.name}: skipped {data.skipped} undecodable image(s)")
+            log.warning(f"[{NAME}] warning: {d.name}: skipped {data.skipped} undecodable image(s)")
         y = torch.cat(labels)
         z = {name: torch.cat(parts) for name, parts in logits.items()}
         mine = [_row(d.name, "teacher", z["teacher"], y, class_names, None, e.ece_bins)]
@@ -229,24 +252,16 @@ def run(cfg: PipelineConfig, out: StageDir) -> dict[str, Any]:
         plots.append(reliability_plot(out.path / f"reliability_{_file_stem(d.name)}.png", d.name, mine))
 
     distillation: list[dict[str, Any]] = []
-    if e.distillation_samples != 0 and e.students:
-        if _uses_pool(cfg, run_dir):
-            scores = load_teacher_outputs(run_dir)
-            uids = list(scores.frame["uid"])
-            n = len(uids) if e.distillation_samples is None else min(e.distillation_samples, len(uids))
-            chosen = subsets.uid_hash_rows(uids, n, subsets.DISTILLATION_SAMPLE).tolist()
-            uid_to_row = {scores.frame["uid"].iloc[r]: i for i, r in enumerate(chosen)}
-            z_t = scores.logits[torch.tensor(chosen, dtype=torch.long)]
-            shards = list_shards(run_dir / layout.DOWNLOAD)
-            for name in e.students:
-                model, meta = models[name]
-                z_s = pool_logits(model, meta.input, meta.num_classes, shards, uid_to_row, e.batch_size, 0, device,
-                                  scores.pixels)
-                distillation.append({"dataset": DISTILLATION, "model": name, "n": len(chosen),
-                                     **fidelity_report(z_s, z_t, None)})
-        else:
-            print(f"[{NAME}] note: no finished score stage in {run_dir}: agreement on the distillation data "
-                  "skipped (evaluate.distillation_samples=0 silences this)")
+    if pool is not None:
+        uid_to_row, z_t, pixels = pool
+        shards = list_shards(run_dir / layout.DOWNLOAD)
+        for name in e.students:
+            model, meta = models[name]
+            z_s = pool_logits(model, meta.input, meta.num_classes, shards, uid_to_row, e.batch_size, 0, device,
+                              pixels, progress=progress)
+            distillation.append({"dataset": DISTILLATION, "model": name, "n": len(uid_to_row),
+                                 **fidelity_report(z_s, z_t, None)})
+    progress.close()
 
     datasets = [d.name for d in e.datasets]
     table, comparison = comparison_table(list(models), datasets, rows, distillation)
@@ -264,12 +279,12 @@ def run(cfg: PipelineConfig, out: StageDir) -> dict[str, Any]:
             md += [f"## Per-class accuracy: {d}", "", per_class_table(d, rows), ""]
     md += ["## Reliability diagrams", ""] + [f"![{p.stem}]({p.name})" for p in plots] + [""]
     atomic_write_text(out.path / "report.md", "\n".join(md))
-    print(table)
+    log.info(table)
     chance = 1.0 / teacher_meta.num_classes
     for r in rows:
         if r["model"] != "teacher":
-            print(f"[{NAME}] {r['model']} on {r['dataset']}: top-1 {r['top1']:.4f} (chance {chance:.2f}), "
-                  f"trails the teacher by {-r['delta_top1'] * 100:.2f} points, agreement {r['agreement']:.4f}")
+            log.info(f"[{NAME}] {r['model']} on {r['dataset']}: top-1 {r['top1']:.4f} (chance {chance:.2f}), "
+                     f"trails the teacher by {-r['delta_top1'] * 100:.2f} points, agreement {r['agreement']:.4f}")
     scalar = ("dataset", "model", "n", "top1", "top5", "ece", "agreement", "kl", "delta_top1")
     return {"rows": len(rows), "results": [{k: r[k] for k in scalar if k in r} for r in rows + distillation],
             "output": str(out.path / "report.md")}

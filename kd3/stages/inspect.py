@@ -15,6 +15,7 @@ warned about at the top of the summary and the page, and again after the tables.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,8 @@ from kd3.inspect.report import build_report
 from kd3.inspect.summary import warning_lines
 from kd3.inspect.truth import TruthSettings, url_list_path
 from kd3.runs import META_NAME, StageDir, require_complete, stage_input_fingerprint
+
+log = logging.getLogger(__name__)
 
 NAME = "inspect"
 SUMMARY = "summary tables, plots, per-class contact sheets and an HTML report of the selection manifests"
@@ -59,7 +62,7 @@ def truth_settings(cfg: PipelineConfig) -> TruthSettings:
     """The ``inspect`` section's ground-truth and warning keys."""
     i = cfg.inspect
     return TruthSettings(i.ground_truth_column, i.in_domain_value, i.true_label_column, i.warn_class_share,
-                         i.warn_min_samples)
+                         i.warn_min_samples, i.warn_keep_share)
 
 
 def run(cfg: PipelineConfig, out: StageDir) -> dict[str, Any]:
@@ -67,13 +70,13 @@ def run(cfg: PipelineConfig, out: StageDir) -> dict[str, Any]:
     result = build_report(out.run_dir, out.path, top_n=i.top_n, bottom_n=i.bottom_n, rejected_n=i.rejected_n,
                           max_classes=i.max_classes, thumbnail_size=i.thumbnail_size, histogram_bins=i.histogram_bins,
                           train=_train_name(cfg), truth=truth_settings(cfg))
-    print(result.text)
+    log.info(result.text)
     counts = result.counts
     for line in warning_lines(result.summary):  # again after the tables, where it cannot scroll away
-        print(f"[{NAME}] {line}")
+        log.warning(f"[{NAME}] {line}")
     if counts["tiles_missing"]:
-        print(f"[{NAME}] warning: {counts['tiles_missing']} of {counts['tiles']} tiles have no image "
-              f"(not in {out.run_dir / 'download' / 'shards'} or undecodable); they are grey on the sheets")
-    print(f"[{NAME}] report with {counts['plots']} plot(s) and {counts['sheets']} contact sheet(s); open in a browser:")
+        log.warning(f"[{NAME}] warning: {counts['tiles_missing']} of {counts['tiles']} tiles have no image "
+                    f"(not in {out.run_dir / 'download' / 'shards'} or undecodable); they are grey on the sheets")
+    log.info(f"[{NAME}] report with {counts['plots']} plot(s) and {counts['sheets']} contact sheet(s); open in a browser:")
     counts["output"] = str(result.index.resolve())  # printed last by stages.base.execute
     return counts

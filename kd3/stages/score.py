@@ -8,6 +8,7 @@ Resumable per shard: finished shards are kept in ``parts/`` until the final file
 
 from __future__ import annotations
 
+import logging
 import shutil
 from pathlib import Path
 from typing import Any, Optional
@@ -17,7 +18,6 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-from tqdm import tqdm
 
 from kd3 import layout
 from kd3.config import PipelineConfig, require_file, resolve_path
@@ -28,8 +28,11 @@ from kd3.data.shards import ShardImages, image_loader, list_shards, read_downloa
 from kd3.errors import Kd3Error
 from kd3.methods.ood import batchnorm_layers, bn_scores_or_none
 from kd3.models import ModelMeta, check_checkpoint_code, load_model
+from kd3.progress import Progress
 from kd3.runs import StageDir, atomic_path, file_fingerprint, require_complete, stage_input_fingerprint
 from kd3.runtime import configure
+
+log = logging.getLogger(__name__)
 
 NAME = "score"
 SUMMARY = "teacher logits + pooled features for every downloaded sample, cached by uid"
@@ -47,7 +50,8 @@ def check(cfg: PipelineConfig, run_dir: Path) -> dict[str, str]:
 @torch.no_grad()
 def teacher_pass(model, meta: ModelMeta, shard: Path, batch_size: int, num_workers: int,
                  device: torch.device, bn_distance: str = "squared", bn_variance_weight: float = 0.0,
-                 decoded: Optional[list[torch.Tensor]] = None, maps: Optional[list[torch.Tensor]] = None) -> pa.Table:
+                 decoded: Optional[list[torch.Tensor]] = None, maps: Optional[list[torch.Tensor]] = None,
+                 progress: Optional[Progress] = None) -> pa.Table:
     """One shard through the frozen teacher → a table of uid, predictions, logits, features and, for
     a teacher with BatchNorm, the BN in-domain score (overall and per layer; lower = more in-domain),
     all from the same forward pass. The decoded images and the teacher's feature maps are appended
@@ -63,6 +67,8 @@ def teacher_pass(model, meta: ModelMeta, shard: Path, batch_size: int, num_worke
                                    forward=lambda m, inputs: captured.setdefault("out", m.extract(inputs)))
         out = captured["out"] if scores is not None else model.extract(x)
         uids += list(batch["uid"])
+        if progress is not None:
+            progress.update(len(batch["uid"]))
         logits.append(out.logits.float().cpu())
         if maps is not None:
             maps.append(out.feature_map.float().cpu())
@@ -178,28 +184,31 @@ def run(cfg: PipelineConfig, out: StageDir) -> dict[str, Any]:
     shards = list_shards(run_dir / layout.DOWNLOAD)
     parts = out.path / "parts"
     parts.mkdir(exist_ok=True)
+    index = read_download_index(run_dir / layout.DOWNLOAD, columns=["uid", "url", "key", "status"])
+    index = index[index["status"] == "success"].drop(columns="status")
+    per_shard = index["shard"].value_counts()
+    todo = [s for s in shards if not (parts / f"{s.stem}.parquet").exists()]  # the rest finished before an interruption
     keep_pixels, keep_maps = cfg.score.pixel_cache, cfg.score.feature_map_cache
-    for shard in tqdm(shards, desc=f"[{NAME}] teacher over shards", unit="shard", disable=None):
-        part = parts / f"{shard.stem}.parquet"
-        if part.exists():
-            continue  # finished before an interruption
-        decoded: Optional[list[torch.Tensor]] = [] if keep_pixels else None
-        maps: Optional[list[torch.Tensor]] = [] if keep_maps else None
-        table = teacher_pass(model, meta, shard, cfg.score.batch_size, cfg.score.num_workers, device,
-                             cfg.score.bn_distance, cfg.score.bn_variance_weight, decoded, maps)
-        if keep_pixels:
-            keep_pixels = _save_part_pixels(decoded, parts / f"{shard.stem}.pixels.npz", cfg.score.pixel_cache_max_side)
-        if keep_maps:
-            keep_maps = _save_part_maps(maps, parts / f"{shard.stem}.maps.npz", cfg.score.feature_map_cache_max_floats)
-        with atomic_path(part) as tmp:  # written last: a finished part implies its pixels
-            pq.write_table(table, tmp)
+    with Progress(desc=f"[{NAME}] teacher", unit="samples", total=len(index),
+                  initial=len(index) - int(sum(per_shard.get(s.stem, 0) for s in todo))) as progress:
+        for shard in todo:
+            decoded: Optional[list[torch.Tensor]] = [] if keep_pixels else None
+            maps: Optional[list[torch.Tensor]] = [] if keep_maps else None
+            table = teacher_pass(model, meta, shard, cfg.score.batch_size, cfg.score.num_workers, device,
+                                 cfg.score.bn_distance, cfg.score.bn_variance_weight, decoded, maps, progress)
+            if keep_pixels:
+                keep_pixels = _save_part_pixels(decoded, parts / f"{shard.stem}.pixels.npz",
+                                                cfg.score.pixel_cache_max_side)
+            if keep_maps:
+                keep_maps = _save_part_maps(maps, parts / f"{shard.stem}.maps.npz",
+                                            cfg.score.feature_map_cache_max_floats)
+            with atomic_path(parts / f"{shard.stem}.parquet") as tmp:  # written last: a finished part implies its caches
+                pq.write_table(table, tmp)
     tables = [pq.read_table(parts / f"{s.stem}.parquet") for s in shards]
     tables = [t for t in tables if t.num_rows]
     if not tables:
         raise Kd3Error(f"no decodable images in {run_dir / 'download' / 'shards'}; nothing to score")
     scored = pa.concat_tables(tables).to_pandas()
-    index = read_download_index(run_dir / layout.DOWNLOAD, columns=["uid", "url", "key", "status"])
-    index = index[index["status"] == "success"].drop(columns="status")
     urls = pd.read_parquet(run_dir / layout.DOWNLOAD / layout.URL_LIST, columns=["uid", "url"])
     index["url"] = index["uid"].map(dict(zip(urls["uid"], urls["url"])))
     merged = index.merge(scored, on="uid", how="inner", validate="one_to_one")
@@ -215,10 +224,10 @@ def run(cfg: PipelineConfig, out: StageDir) -> dict[str, Any]:
         merged[columns].to_parquet(tmp, index=False)
     shutil.rmtree(parts)
     per_class = merged["teacher_label"].value_counts().sort_index()
-    print(f"[{NAME}] scored {len(merged)} samples; teacher mean confidence {merged['teacher_conf'].mean():.3f}")
+    log.info(f"[{NAME}] scored {len(merged)} samples; teacher mean confidence {merged['teacher_conf'].mean():.3f}")
     if not has_bn:
-        print(f"[{NAME}] note: the teacher has no BatchNorm2d layer, so no BN in-domain score is cached "
-              "(selectors that need it refuse to run; use a confidence-based selector instead)")
+        log.info(f"[{NAME}] note: the teacher has no BatchNorm2d layer, so no BN in-domain score is cached "
+                 "(selectors that need it refuse to run; use a confidence-based selector instead)")
     return {"scored": len(merged), **caches, "downloaded_ok": len(index), "undecodable": len(index) - len(merged),
             "num_classes": meta.num_classes, "feature_dim": int(len(merged["feature"].iloc[0])),
             "teacher_label_counts": {meta.class_names[int(k)]: int(v) for k, v in per_class.items()},

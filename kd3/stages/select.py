@@ -11,6 +11,7 @@ meta.json holds per-class counts. Training does not read it: it selects for itse
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -26,9 +27,13 @@ from kd3.models import check_checkpoint_code, load_model
 from kd3.runs import StageDir, atomic_path, file_fingerprint, require_complete, stage_input_fingerprint
 from kd3.runtime import configure
 
+log = logging.getLogger(__name__)
+
 NAME = "select"
 SUMMARY = "one pass of a registered selector over the scored pool → manifest of chosen samples"
 SECTIONS = ("select", "selectors")
+#: the pool pass for a student-aware selector runs at score.batch_size
+READS = ("score",)
 STANDALONE_EPOCH = -1
 
 
@@ -54,7 +59,7 @@ def run(cfg: PipelineConfig, out: StageDir) -> dict[str, Any]:
         student, meta, _ = load_model(resolve_path(cfg.select.student, out.run_dir), device)
         student_logits = pool_logits(student, meta.input, meta.num_classes, list_shards(out.run_dir / layout.DOWNLOAD),
                                      scores.uid_to_row, cfg.score.batch_size, cfg.score.num_workers, device,
-                                     scores.pixels)
+                                     scores.pixels, f"[{NAME}] student over the pool")
     try:
         result = selector(SelectionInputs(teacher_logits=scores.logits, student_logits=student_logits,
                                           seed=cfg.run.seed, bn_score=scores.bn_score,
@@ -69,12 +74,12 @@ def run(cfg: PipelineConfig, out: StageDir) -> dict[str, Any]:
     n_selected = int(manifest["selected"].sum())
     per_class = {names[k]: int(n) for k, n in enumerate(result.selected_per_class.tolist())}
     described = ", ".join(f"{k}={v}" for k, v in params.model_dump().items())
-    print(f"[{NAME}] selected {n_selected} of {len(manifest)} samples ({selector.name}"
-          f"{': ' + described if described else ''}); per class: {per_class}")
+    log.info(f"[{NAME}] selected {n_selected} of {len(manifest)} samples ({selector.name}"
+             f"{': ' + described if described else ''}); per class: {per_class}")
     if result.fallback_used:
-        print(f"[{NAME}] warning: nothing passed the threshold; kept the most confident sample(s) instead")
+        log.warning(f"[{NAME}] warning: nothing passed the threshold; kept the most confident sample(s) instead")
     if result.dominant_class is not None:
-        print(f"[{NAME}] warning: class {names[result.dominant_class]!r} holds most of the confident samples")
+        log.warning(f"[{NAME}] warning: class {names[result.dominant_class]!r} holds most of the confident samples")
     return {"pool": len(manifest), "selected": n_selected, "selected_per_class": per_class,
             "fallback_used": bool(result.fallback_used),
             "dominant_class": None if result.dominant_class is None else names[result.dominant_class]}

@@ -20,6 +20,7 @@ same data order, selections and averages as an uninterrupted run.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +32,14 @@ from kd3.runtime import configure
 from kd3.training.build import build_trainer, config_sections
 from kd3.training.objectives import check_objective
 
+log = logging.getLogger(__name__)
+
 NAME = "train"
 SUMMARY = "train the student (objective kd or kd3, rows chosen by a selector every epoch); checkpoint + metrics per epoch"
+
+
+#: the teacher (score.teacher) and the pool pass's batch size (score.batch_size)
+READS = ("score",)
 
 
 def sections(cfg: PipelineConfig) -> tuple[str, ...]:
@@ -60,12 +67,12 @@ def run(cfg: PipelineConfig, out: StageDir) -> dict[str, Any]:
     last = out.path / layout.LAST_CHECKPOINT
     if out.resumed and last.exists():
         trainer.restore(read_checkpoint(last), str(last))
-        print(f"[{NAME}] resuming after epoch {trainer.start_epoch} from {last}")
+        log.info(f"[{NAME}] resuming after epoch {trainer.start_epoch} from {last}")
     extras = f", extra losses {'+'.join(t.extra_losses)}" if t.extra_losses else ""
     averaged = f", averaging {'+'.join(cfg.averaging.modes)}" if cfg.averaging.modes else ""
     held = f", {int(held_out.sum())} samples held out for SWAD" if held_out.any() else ""
-    print(f"[{NAME}] {t.student.arch} student, {t.epochs} epochs, objective {t.objective}, selector {t.selector} "
-          f"over a pool of {int((~held_out).sum())}{extras}{averaged}{held}")
+    log.info(f"[{NAME}] {t.student.arch} student, {t.epochs} epochs, objective {t.objective}, selector {t.selector} "
+             f"over a pool of {int((~held_out).sum())}{extras}{averaged}{held}")
     trainer.fit()
     final = read_jsonl(out.path / layout.METRICS)[-1]
     counts = {"objective": t.objective, "selector": t.selector, "epochs": t.epochs, "final_loss": final["loss"],

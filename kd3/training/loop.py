@@ -9,14 +9,14 @@ trainer state with the same data order, selections and averages as an uninterrup
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
-from tqdm import tqdm
 
 from kd3.data.images import normalize
 from kd3.data.score_cache import TeacherOutputs
@@ -25,9 +25,12 @@ from kd3.errors import Kd3Error
 from kd3.methods.objectives import Objective, StepOutput
 from kd3.models.checkpoints import load_state_dict_strict
 from kd3.models.spec import InputSpec, ModelMeta
+from kd3.progress import Progress, format_duration
 from kd3.training.callbacks import Callback, StepInfo
 from kd3.training.sources import EpochRows, SelectedPool
 from kd3.training.state import load_training_only_state, rng_state, set_rng_state, training_only_state
+
+log = logging.getLogger(__name__)
 
 
 class DegenerateSelection(Kd3Error):
@@ -62,7 +65,6 @@ class Trainer:
     #: an epoch selecting fewer rows than this, or falling back because nothing passed the rule,
     #: raises :class:`DegenerateSelection` (0: never)
     min_selected: int = 0
-    log: Callable[[str], None] = print
     name: str = "train"
     start_epoch: int = 0
     global_step: int = 0
@@ -99,8 +101,12 @@ class Trainer:
         record = None
         for cb in self.callbacks:
             cb.on_fit_start(self.start_epoch)
+        started, first = time.monotonic(), self.start_epoch
         for epoch in range(self.start_epoch, self.epochs):
             record = self._epoch(epoch)
+            left = self.epochs - epoch - 1
+            eta = f", ETA {format_duration((time.monotonic() - started) / (epoch + 1 - first) * left)}" if left else ""
+            log.info(self._epoch_line(record) + eta)
         return record
 
     def _epoch(self, epoch: int) -> dict[str, Any]:
@@ -116,8 +122,8 @@ class Trainer:
         extras: dict[str, float] = {}
         seen = 0
         n_batches = math.ceil(len(data.rows) / self.batch_size)
-        progress = tqdm(self.loader(data.rows, epoch), desc=f"[{self.name}] epoch {epoch + 1}/{self.epochs}", unit="batch", leave=False,
-                        disable=None, total=n_batches)
+        progress = Progress(self.loader(data.rows, epoch), f"[{self.name}] epoch {epoch + 1}/{self.epochs}",
+                            unit="batch", total=n_batches)
         for i, batch in enumerate(progress):
             last_of_group = (i + 1) % self.accumulate == 0 or i + 1 == n_batches
             step, x, z_t = self.train_step(batch, generator, zero_grad=i % self.accumulate == 0, update=last_of_group)
@@ -144,13 +150,15 @@ class Trainer:
         self.start_epoch = epoch + 1  # the trainer state now describes the end of this epoch
         for cb in self.callbacks:
             cb.on_epoch_end(epoch, record, data, self.trainer_state)
+        return record
+
+    def _epoch_line(self, record: dict[str, Any]) -> str:
         parts = " ".join(f"{k[5:]} {v:.4f}" for k, v in record.items() if k.startswith("loss_"))
         extra = f" α {record['alpha']:.3f} selected {record['selected']}"
         if record.get("swad_val_losses"):
             extra += f" swad val {record['swad_val_losses'][-1]:.4f}"
-        self.log(f"[{self.name}] epoch {epoch + 1}/{self.epochs}: loss {record['loss']:.4f} ({parts}){extra} "
-                 f"({record['seconds']:.1f}s)")
-        return record
+        return (f"[{self.name}] epoch {record['epoch'] + 1}/{self.epochs}: loss {record['loss']:.4f} ({parts}){extra} "
+                f"({record['seconds']:.1f}s)")
 
     def loader(self, rows: dict[str, int], epoch: int) -> torch.utils.data.DataLoader:
         """The epoch's batches: the given rows decoded from the shards in a seeded shuffled order."""
@@ -189,13 +197,13 @@ class Trainer:
                 "parameters (e.g. selectors.kd3_dynamic.threshold), choose another train.selector, or set "
                 "train.min_selected_fraction=0 to train on it anyway")
         if s.fallback_used:
-            self.log(f"[{self.name}] warning: epoch {epoch + 1}: nothing passed the thresholds; "
-                     f"trained on the {len(data.rows)} most confident sample(s)")
+            log.warning(f"[{self.name}] warning: epoch {epoch + 1}: nothing passed the thresholds; "
+                        f"trained on the {len(data.rows)} most confident sample(s)")
         if s.dominant_class is not None:
             share = s.counts[s.dominant_class].item() / max(int(s.counts.sum()), 1)
-            self.log(f"[{self.name}] warning: epoch {epoch + 1}: class {names[s.dominant_class]!r} holds "
-                     f"{share:.0%} of the confident samples; other classes' thresholds fall towards 0 "
-                     "(see selectors.kd3_dynamic.threshold_floor / max_class_share)")
+            log.warning(f"[{self.name}] warning: epoch {epoch + 1}: class {names[s.dominant_class]!r} holds "
+                        f"{share:.0%} of the confident samples; other classes' thresholds fall towards 0 "
+                        "(see selectors.kd3_dynamic.threshold_floor / max_class_share)")
         return {"alpha": s.alpha, "selected": len(data.rows),
                 "selected_per_class": {names[c]: int(n) for c, n in enumerate(s.selected_per_class)},
                 "confident_per_class": {names[c]: int(n) for c, n in enumerate(s.counts)},

@@ -7,6 +7,7 @@ student pass per epoch. The teacher is never run: its logits come from the score
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -20,6 +21,8 @@ from kd3.methods.selection import SelectionResult
 from kd3.methods.selectors import SELECTORS, SelectionInputs, Selector, run_selector
 from kd3.models.spec import InputSpec
 from kd3.params import Params
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -54,8 +57,8 @@ class SelectedPool:
                 raise Kd3Error(f"train.selector {selector.name} needs the teacher's BatchNorm in-domain score, and "
                                "the score cache has none (the teacher has no BatchNorm2d layer); use "
                                f"selectors.{selector.name}.fallback=all, or teacher_confidence, dfnd_topk, random, all")
-            print(f"[train] note: the teacher has no BatchNorm2d layer, so {selector.name} has no in-domain score: "
-                  f"training on every sample instead (selectors.{selector.name}.fallback=all)")
+            log.info(f"[train] note: the teacher has no BatchNorm2d layer, so {selector.name} has no in-domain score: "
+                     f"training on every sample instead (selectors.{selector.name}.fallback=all)")
             self.selector, self.params = SELECTORS.get("all"), SELECTORS.get("all").params()
 
     @property
@@ -67,7 +70,7 @@ class SelectedPool:
         if self.needs_student:
             student_logits = pool_logits(student, student_input, self.scores.teacher.num_classes, self.shards,
                                          self.uid_to_row, self.batch_size, self.num_workers, self.device,
-                                         self.scores.pixels)
+                                         self.scores.pixels, f"[train] epoch {epoch + 1}/{total_epochs}: student over the pool")
         inputs = SelectionInputs(teacher_logits=self.scores.logits, student_logits=student_logits, epoch=epoch,
                                  total_epochs=total_epochs, seed=self.seed, bn_score=self.scores.bn_score,
                                  bn_per_layer=self.scores.bn_per_layer)

@@ -1,12 +1,16 @@
 """`kd3 inspect` as a stage on a hand-built run: files, links, resume policy, and a real browser.
 
 The run (6 samples, 3 classes, 2 KD³ epochs) is built in tmp_path by the unit tests' builders;
-no other stage runs. The browser test needs Debian's chromium and is skipped without it.
+no other stage runs. The browser test needs Debian's chromium: it is skipped without it, except
+where KD3_REQUIRE_BROWSER is set (``.ci/run`` installs chromium and sets it), where it fails.
 """
 
 from __future__ import annotations
 
+import html
 import json
+import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -16,7 +20,6 @@ from PIL import Image, ImageStat
 
 from kd3.cli import main
 from kd3.inspect.report import check_links, page_links
-
 from tests.unit.test_inspect_fixtures import build_run, epoch_frame, url_list_frame, write_url_list
 
 REPO = Path(__file__).resolve().parents[2]
@@ -129,6 +132,29 @@ def test_ground_truth_tables_plot_and_a_planted_warning(tmp_path, capsys):
     assert "ground_truth" in capsys.readouterr().err
 
 
+def test_banner_warns_of_a_class_holding_the_confident_samples_and_of_a_selection_keeping_the_pool(tmp_path, capsys):
+    run = build_run(tmp_path)
+    metrics = run / "train" / "metrics.jsonl"
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    records[1]["confident_per_class"] = {"zero": 1, "one": 0, "two": 3}  # class 'two': 75% of the confident
+    metrics.write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert _inspect(run, "inspect.warn_min_samples=2", "inspect.warn_keep_share=0.6") == 0  # epoch 1 keeps 4 of 6
+    out = capsys.readouterr().out
+    page = (run / "inspect" / "index.html").read_text()
+    confident = ("WARNING: one class holds more than 50.0% of the confident samples in 1 of 2 epoch(s); last epoch 1: "
+                 "class 'two', 3 of 4")
+    keeps = "WARNING: the final selection (epoch 1) keeps 66.7% of the pool (4 of 6)"
+    for text in (confident, keeps):
+        assert html.escape(text) in page and text in out and text in (run / "inspect" / "summary.txt").read_text()
+    banner = page[page.index('<div class="warning"'):page.index("</div>", page.index('<div class="warning"'))]
+    assert banner.count("<p><b>WARNING") == 2 and page.index('class="warning"') < page.index("<section")
+    summary = json.loads((run / "inspect" / "summary.json").read_text())
+    assert len(summary["selection_warnings"]) == 2 and summary["warnings"] == []  # no class absorbs the selection
+    # at the defaults (10 samples at least, 95 % of the pool) this toy run is not warned about
+    assert _inspect(run, "--overwrite") == 0
+    assert 'class="warning"' not in (run / "inspect" / "index.html").read_text()
+
+
 def test_url_list_without_ground_truth_is_one_line_and_no_tables(tmp_path, capsys):
     run = build_run(tmp_path, url_list=True)
     write_url_list(run, url_list_frame()[["url", "uid"]])  # a crawl of one's own: no source, no demo_label
@@ -143,17 +169,53 @@ def test_url_list_without_ground_truth_is_one_line_and_no_tables(tmp_path, capsy
     assert summary["ground_truth"]["available"] is False and summary["warnings"] == []
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed (apt-get install -y chromium); "
-                                             "the page is still checked for links by the other tests")
+#: appended to a copy of the page: on load, record how many images there are and which did not load
+_IMAGE_PROBE = """<script>window.addEventListener("load", () => {
+  const images = Array.from(document.images);
+  const broken = images.filter(i => !(i.complete && i.naturalWidth > 0)).map(i => i.getAttribute("src"));
+  document.body.setAttribute("data-images", String(images.length));
+  document.body.setAttribute("data-broken", broken.join(" "));
+});</script>"""
+
+
+def _chromium(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    if CHROMIUM is None:
+        if os.environ.get("KD3_REQUIRE_BROWSER"):
+            pytest.fail("KD3_REQUIRE_BROWSER is set but chromium is not installed (apt-get install -y chromium)")
+        pytest.skip("chromium not installed (apt-get install -y chromium); the page is still checked for links "
+                    "by the other tests")
+    cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+           "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}",
+           *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+
+
+def _loaded_images(index: Path, tmp_path: Path) -> tuple[int, list[str]]:
+    """(images on the page, the src of each that did not load) as headless chromium sees them."""
+    probe = index.parent / "_probe.html"  # beside index.html, so the relative links resolve the same
+    probe.write_text(index.read_text().replace("</body>", _IMAGE_PROBE + "</body>"))
+    try:
+        result = _chromium(tmp_path, "--virtual-time-budget=10000", "--dump-dom", probe.resolve().as_uri())
+    finally:
+        probe.unlink()
+    body = re.search(r'<body data-images="(\d+)" data-broken="([^"]*)"', result.stdout)
+    assert body, f"the probe did not run (exit {result.returncode}): {result.stderr[-2000:]}"
+    return int(body.group(1)), body.group(2).split()
+
+
 def test_page_renders_in_headless_chromium(report, tmp_path):
     index, _ = report
     shot = tmp_path / "shot.png"
-    cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-           "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}",
-           f"--screenshot={shot}", "--window-size=1200,900", index.resolve().as_uri()]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    result = _chromium(tmp_path, f"--screenshot={shot}", "--window-size=1200,900", index.resolve().as_uri())
     assert shot.is_file(), f"chromium wrote no screenshot (exit {result.returncode}): {result.stderr[-2000:]}"
     with Image.open(shot) as img:
         assert img.size == (1200, 900)
         spread = ImageStat.Stat(img.convert("L")).stddev[0]
     assert spread > 10, "the screenshot is blank: the page did not render"
+    # every plot and contact sheet on the page loads in the browser
+    expected = index.read_text().count("<img ")
+    assert expected == 7  # 4 plots + 3 class sheets
+    assert _loaded_images(index, tmp_path) == (expected, [])
+    # the probe can fail: a sheet gone from disk is reported as not loaded
+    (index.parent / "sheets" / "class_001.png").unlink()
+    assert _loaded_images(index, tmp_path) == (expected, ["sheets/class_001.png"])

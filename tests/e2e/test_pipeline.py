@@ -77,6 +77,22 @@ def test_train_writes_checkpoints_metrics_and_loadable_student(toy_run, folder):
     assert model(torch.zeros(2, 1, size, size)).shape == (2, 10)
 
 
+def test_each_stage_logs_into_its_folder_with_progress_of_its_loops(toy_run):
+    run_dir, _ = toy_run
+    expected = {"download": ["[download] img2dataset: 124/124 URLs (100%)"],
+                "score": ["[score] teacher: 120/120 samples (100%)"],
+                "train": ["[train] epoch 2/2: student over the pool: ", "[train] epoch 2/2: 1/"],
+                "train-kd": ["[train] epoch 1/2: 1/"],
+                "evaluate": ["[evaluate] images through 5 model(s): "]}
+    for stage, lines in expected.items():
+        text = (run_dir / stage / "stage.log").read_text()
+        assert text.startswith("20") and f"---- kd3 {stage.split('-')[0]}" in text, stage
+        for line in lines:
+            assert f"INFO kd3.progress: {line}" in text, (stage, line)
+    assert "ETA " in (run_dir / "score" / "stage.log").read_text()
+    assert "[train] epoch 1/2: loss" in (run_dir / "train" / "stage.log").read_text()
+
+
 def test_evaluate_report_has_teacher_and_student_rows(toy_run):
     run_dir, _ = toy_run
     report = json.loads((run_dir / "evaluate" / "report.json").read_text())

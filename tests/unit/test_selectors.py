@@ -137,7 +137,7 @@ def test_bn_soft_draws_with_the_logistic_probability_of_the_score():
     assert len({tuple(m) for m in other_epoch}) > 1  # a new draw every epoch
 
 
-def test_bn_selectors_fall_back_to_every_sample_for_a_teacher_without_batchnorm(capsys):
+def test_bn_selectors_fall_back_to_every_sample_for_a_teacher_without_batchnorm(caplog):
     import pandas as pd
 
     from kd3.data.score_cache import TeacherOutputs
@@ -150,8 +150,9 @@ def test_bn_selectors_fall_back_to_every_sample_for_a_teacher_without_batchnorm(
                      input=InputSpec(image_size=8, channels=1, mean=(0.0,), std=(1.0,)))
     scores = TeacherOutputs(frame=pd.DataFrame({"uid": ["a", "b", "c", "d"]}), logits=TEACHER,
                             features=torch.zeros(4, 3), teacher=meta)  # no bn_score: no BatchNorm
+    caplog.set_level("INFO", logger="kd3")
     pool = SelectedPool(SELECTORS.get("bn_soft"), BnSoftParams(), scores, [], None, 0, 8, 0, torch.device("cpu"))
-    assert pool.selector.name == "all" and "fallback=all" in capsys.readouterr().out
+    assert pool.selector.name == "all" and "fallback=all" in caplog.text
     with pytest.raises(Kd3Error, match="no BatchNorm2d"):
         SelectedPool(SELECTORS.get("bn_soft"), BnSoftParams(fallback="error"), scores, [], None, 0, 8, 0,
                      torch.device("cpu"))
