@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from kd3.data.tars import is_plain_key
 from kd3.errors import Kd3Error
 
 #: columns img2dataset itself writes; a URL list may not use them for its own data
@@ -57,6 +58,12 @@ def read_url_list(path: Path) -> pd.DataFrame:
     if "uid" not in frame.columns:
         frame["uid"] = frame["url"].map(url_uid)
     frame["uid"] = frame["uid"].astype(str)
+    # a uid becomes a tar member name (export) and a join key everywhere: plain keys only
+    bad = frame.index[~frame["uid"].map(is_plain_key)]
+    if len(bad):
+        raise Kd3Error(f"{path}: uid {frame.at[bad[0], 'uid']!r} (row {bad[0]}) is not a plain sample key "
+                       f"(1-128 letters, digits, '_' or '-'; {len(bad)} row(s) like it); fix or drop the uid "
+                       "column, and kd3 derives uids from the URLs")
     return frame.drop_duplicates("uid", keep="first").reset_index(drop=True)
 
 

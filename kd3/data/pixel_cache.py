@@ -54,6 +54,11 @@ class PoolPixels:
         """The decoded image of cache row ``row``, uint8 [C, H, W] with its own channel count."""
         return np.array(self.pixels[row, :self.channels[row]])
 
+    def images(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The decoded images of cache rows ``rows`` in one read: uint8 [n, C_max, H, W] (rows with
+        fewer channels zero-padded) and each row's own channel count [n]."""
+        return np.asarray(self.pixels[rows]), self.channels[rows]
+
     @classmethod
     def for_run(cls, run_dir: Path) -> Optional["PoolPixels"]:
         """:meth:`open` for a stage that does not load the whole score cache."""

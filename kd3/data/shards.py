@@ -11,15 +11,16 @@ import json
 import logging
 import random
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Optional
+from typing import Any, Iterable, Iterator, Mapping, Optional
 
+import numpy as np
 import pandas as pd
 import torch
-import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 
-from kd3.data.images import decode_image, prepare_uint8
+from kd3.data.images import decode_image, match_channels, prepare_uint8
 from kd3.data.pixel_cache import PoolPixels
+from kd3.data.tars import TarFormatError, TarReadStats, iter_samples
 from kd3.errors import Kd3Error
 from kd3.models.spec import InputSpec
 
@@ -62,24 +63,26 @@ class _SkipCounter:
             log.warning("skipping undecodable sample %s (%s); %d skipped so far", where, reason, self.count)
 
 
-def iter_raw_samples(shard_paths: list[Path]) -> Iterator[dict[str, Any]]:
-    """(uid, url, key, shard, image bytes) per sample, in file order, tolerating odd entries."""
-    urls = [str(p) for p in shard_paths]
-    # workersplitter=None: callers split shards themselves (see ShardImages), which keeps order exact
-    dataset = wds.WebDataset(urls, shardshuffle=False, handler=wds.warn_and_continue,
-                             nodesplitter=None, workersplitter=None, empty_check=False)
-    for sample in dataset:
-        image_ext = next((ext for ext in IMAGE_EXTENSIONS if ext in sample), None)
-        if image_ext is None or "json" not in sample:
-            continue  # end-of-shard markers and samples without an image
-        meta = json.loads(sample["json"])
-        yield {
-            "uid": meta.get("uid") or sample["__key__"],
-            "url": meta.get("url", ""),
-            "key": sample["__key__"],
-            "shard": Path(sample.get("__url__", "")).stem,
-            "bytes": sample[image_ext],
-        }
+def iter_raw_samples(shard_paths: list[Path], stats: Optional[TarReadStats] = None) -> Iterator[dict[str, Any]]:
+    """(uid, url, key, shard, image bytes) per sample, in file order, tolerating odd entries.
+
+    Members whose names are not plain ``key.ext`` are skipped (recorded in ``stats``); a corrupt or
+    truncated shard is logged and its remaining samples skipped, as webdataset's
+    ``warn_and_continue`` did before kd3 read the shards itself (:mod:`kd3.data.tars`)."""
+    for shard in shard_paths:
+        try:
+            for key, files in iter_samples(shard, stats=stats):
+                image_ext = next((ext for ext in IMAGE_EXTENSIONS if ext in files), None)
+                if image_ext is None or "json" not in files:
+                    continue  # samples without an image
+                meta = json.loads(files["json"])
+                yield {"uid": meta.get("uid") or key, "url": meta.get("url", ""), "key": key,
+                       "shard": Path(shard).stem, "bytes": files[image_ext]}
+        except TarFormatError as exc:
+            log.warning("%s; skipping the rest of this shard", exc)
+    if stats is not None and stats.refused_names:
+        log.warning("skipped %d tar member(s) whose names are not plain sample keys (first: %r)",
+                    len(stats.refused_names), stats.refused_names[0])
 
 
 class ShardImages(IterableDataset):
@@ -111,6 +114,8 @@ class ShardImages(IterableDataset):
         self.seed = seed
         self.epoch = epoch
         self.skipped = _SkipCounter()
+        #: items carry only the decoded image, prepared a batch at a time by :class:`BatchCollate`
+        self.defer_prepare = False
 
     def _my_shards(self) -> tuple[list[Path], random.Random]:
         info = get_worker_info()
@@ -122,6 +127,8 @@ class ShardImages(IterableDataset):
         return shards[worker::n_workers], rng
 
     def _item(self, row: int, uid: str, decoded: torch.Tensor) -> dict[str, Any]:
+        if self.defer_prepare:  # image_loader's collation prepares the whole batch at once
+            return {"row": row, "uid": uid, "decoded": decoded}
         item = {"row": row, "uid": uid, "image": prepare_uint8(decoded, self.spec)}
         if self.teacher_spec is not None:
             item["teacher_image"] = prepare_uint8(decoded, self.teacher_spec)
@@ -129,19 +136,20 @@ class ShardImages(IterableDataset):
             item["decoded"] = decoded
         return item
 
-    def _cached(self, shards: list[Path]) -> Iterator[dict[str, Any]]:
-        """The mapped uids of ``shards`` from the pixel cache, in the order decoding would give them."""
+    def _cached_refs(self, shards: list[Path]) -> Iterator[tuple[int, str, int]]:
+        """(row, uid, pixel-cache row) of the mapped uids of ``shards``, in the order decoding would give them."""
         cache = self.pixels
         for shard in shards:
             for cache_row in cache.rows_by_shard.get(shard.stem, ()):
                 uid = cache.uids[cache_row]
                 row = self.uid_to_row.get(uid)
                 if row is not None:
-                    yield self._item(row, uid, torch.from_numpy(cache.image(cache_row)))
+                    yield row, uid, int(cache_row)
 
     def _decoded(self, shards: list[Path]) -> Iterator[dict[str, Any]]:
         if self.pixels is not None:
-            yield from self._cached(shards)
+            for row, uid, cache_row in self._cached_refs(shards):
+                yield self._item(row, uid, torch.from_numpy(self.pixels.image(cache_row)))
             return
         for sample in iter_raw_samples(shards):
             row = -1
@@ -158,33 +166,104 @@ class ShardImages(IterableDataset):
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         shards, rng = self._my_shards()
-        if not self.shuffle:
-            yield from self._decoded(shards)
-            return
-        buffer: list[dict[str, Any]] = []
-        for item in self._decoded(shards):
-            if len(buffer) < self.shuffle_buffer:
-                buffer.append(item)
-                continue
-            i = rng.randrange(len(buffer))
-            buffer[i], item = item, buffer[i]
-            yield item
-        rng.shuffle(buffer)
-        yield from buffer
+        items = self._decoded(shards)
+        yield from (_buffer_shuffled(items, rng, self.shuffle_buffer) if self.shuffle else items)
+
+    def cached_order(self) -> list[tuple[int, str, int]]:
+        """(row, uid, pixel-cache row) in exactly the order :meth:`__iter__` yields its items from the
+        pixel cache in one process (the same shard order and the same buffer shuffle, on references)."""
+        shards, rng = self._my_shards()
+        refs = self._cached_refs(shards)
+        return list(_buffer_shuffled(refs, rng, self.shuffle_buffer) if self.shuffle else refs)
 
 
-def _collate(items: list[dict[str, Any]]) -> dict[str, Any]:
-    """Default collation, except ``decoded`` images (of any sizes), which stay a list."""
-    decoded = [item.pop("decoded") for item in items] if items and "decoded" in items[0] else None
-    batch = torch.utils.data.default_collate(items)
-    if decoded is not None:
-        batch["decoded"] = decoded
-    return batch
+def _buffer_shuffled(items: Iterator[Any], rng: random.Random, size: int) -> Iterator[Any]:
+    """A streaming shuffle: a buffer of ``size`` items, each new item swapped with a random one."""
+    buffer: list[Any] = []
+    for item in items:
+        if len(buffer) < size:
+            buffer.append(item)
+            continue
+        i = rng.randrange(len(buffer))
+        buffer[i], item = item, buffer[i]
+        yield item
+    rng.shuffle(buffer)
+    yield from buffer
 
 
-def image_loader(dataset: ShardImages, batch_size: int, num_workers: int) -> torch.utils.data.DataLoader:
+class CachedBatches:
+    """The batches a one-process DataLoader collates from a :class:`ShardImages` over the pixel
+    cache — same rows, uids and images, in the same order — with each batch's images read from the
+    memory-mapped cache and resized in one call instead of one image at a time (batched resizing is
+    bit-identical to per-image resizing; tests/unit/test_pixel_cache.py compares the batches)."""
+
+    def __init__(self, dataset: ShardImages, batch_size: int):
+        self.dataset, self.batch_size = dataset, batch_size
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        ds = self.dataset
+        order = ds.cached_order()
+        for start in range(0, len(order), self.batch_size):
+            rows, uids, cache_rows = zip(*order[start:start + self.batch_size])
+            data, channels = ds.pixels.images(np.asarray(cache_rows))
+            batch = {"row": torch.tensor(rows), "uid": list(uids), "image": _prepare_batch(data, channels, ds.spec)}
+            if ds.teacher_spec is not None:
+                batch["teacher_image"] = _prepare_batch(data, channels, ds.teacher_spec)
+            yield batch
+
+
+def _prepare_batch(data: np.ndarray, channels: np.ndarray, spec: InputSpec) -> torch.Tensor:
+    """Padded cache images [n, C_max, H, W] with their channel counts → prepared for ``spec``: the
+    channel conversion per group of equal counts, then one resize for the whole batch (the same
+    pixels as :func:`prepare_uint8` image by image)."""
+    matched = torch.empty((len(data), spec.channels, *data.shape[2:]), dtype=torch.uint8)
+    for count in np.unique(channels):
+        group = np.flatnonzero(channels == count)
+        matched[group] = match_channels(torch.from_numpy(data[group, :count]), spec.channels)
+    return prepare_uint8(matched, spec)
+
+
+def _prepare_list(decoded: list[torch.Tensor], spec: InputSpec) -> torch.Tensor:
+    """Decoded images of one batch → prepared for ``spec``, in bulk when they share a height and width."""
+    if len({tuple(image.shape[1:]) for image in decoded}) != 1:
+        return torch.stack([prepare_uint8(image, spec) for image in decoded])
+    counts = np.array([image.shape[0] for image in decoded])
+    padded = np.zeros((len(decoded), int(counts.max()), *decoded[0].shape[1:]), np.uint8)
+    for i, image in enumerate(decoded):
+        padded[i, :image.shape[0]] = image.numpy()
+    return _prepare_batch(padded, counts, spec)
+
+
+class BatchCollate:
+    """DataLoader collation of :class:`ShardImages` items: the default for rows and uids, images
+    prepared (channels, resize) a batch at a time when the items were deferred, ``decoded`` images
+    (of any sizes) kept as a list when asked. A class, so that worker processes can pickle it."""
+
+    def __init__(self, dataset: ShardImages):
+        self.spec, self.teacher_spec = dataset.spec, dataset.teacher_spec
+        self.keep_decoded, self.deferred = dataset.keep_decoded, dataset.defer_prepare
+
+    def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
+        decoded = [item.pop("decoded") for item in items] if items and "decoded" in items[0] else None
+        batch = torch.utils.data.default_collate(items)
+        if self.deferred and decoded is not None:
+            batch["image"] = _prepare_list(decoded, self.spec)
+            if self.teacher_spec is not None:
+                batch["teacher_image"] = _prepare_list(decoded, self.teacher_spec)
+        if self.keep_decoded and decoded is not None:
+            batch["decoded"] = decoded
+        return batch
+
+
+def image_loader(dataset: ShardImages, batch_size: int, num_workers: int) -> Iterable[dict[str, Any]]:
+    """Batches of ``dataset``: read in bulk from the pixel cache when it has one (workers would add
+    nothing there; the order is then the one-process order), else decoded by a DataLoader and
+    prepared a batch at a time."""
+    if dataset.pixels is not None and not dataset.keep_decoded:
+        return CachedBatches(dataset, batch_size)
+    dataset.defer_prepare = True
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
-                                       persistent_workers=False, collate_fn=_collate)
+                                       persistent_workers=False, collate_fn=BatchCollate(dataset))
 
 
 def canonicalize_shard(path: Path) -> int:
@@ -193,8 +272,8 @@ def canonicalize_shard(path: Path) -> int:
     img2dataset writes samples in download-completion order, which differs between two downloads
     of the same URL list; sorting makes a download's shards, and so every later stage's data order,
     depend only on what was downloaded. Members are written as plain GNU headers (whole-second
-    mtime, no PAX record): webdataset's tar reading then parses half the header blocks, which
-    halves the read time of small-image shards and their size. Idempotent; streams member by
+    mtime, no PAX record): half the header blocks to parse on every read, and half the size of
+    small-image shards. Idempotent; streams member by
     member (no whole-shard load).
     """
     import copy

@@ -26,6 +26,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from kd3 import __version__
+from kd3.data.tars import is_plain_key
 from kd3.errors import Kd3Error
 from kd3.inspect.manifests import ManifestRef, prediction_columns, require_columns
 from kd3.inspect.query import RowFilter, filtered_batches, schema_of
@@ -108,6 +109,11 @@ def export_selection(ref: ManifestRef, flt: RowFilter, shards_dir: Path, output:
                        "--selected)")
     if pc.count_distinct(table.column("uid")).as_py() != expected:
         raise Kd3Error(f"{ref.path}: the filtered rows repeat uids; export one manifest (one --epoch) at a time")
+    # uids become tar member names here: only plain keys (no '/', '..', dots), checked before writing
+    bad = next((u for u in table.column("uid").to_pylist() if not (isinstance(u, str) and is_plain_key(u))), None)
+    if bad is not None:
+        raise Kd3Error(f"{ref.path}: uid {bad!r} is not a plain sample key (letters, digits, '_', '-'); "
+                       "it would become a tar member name: export refuses it (re-download with kd3's own uids)")
     if dry_run:
         log.info(f"[{COMMAND}] dry run: {expected} sample(s) of {ref.path} would go to {output}")
         return {"expected": expected, "written": 0, "dry_run": True}

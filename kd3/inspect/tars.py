@@ -1,57 +1,20 @@
-"""Streaming webdataset tar shards a member at a time, keeping only the wanted samples' bytes.
+"""Finding samples in webdataset tar shards by uid, keeping only the wanted samples' bytes.
 
 Used by contact sheets and export instead of :func:`kd3.data.shards.iter_raw_samples`, which
-decodes every sample and imports torch: here a sample's data is read only when its key is wanted,
-so picking a few hundred tiles out of a large pool costs one sequential read of the needed shards.
+imports torch: here a sample's data is copied only when its key is wanted
+(:func:`kd3.data.tars.iter_samples`), so picking a few hundred tiles out of a large pool costs
+one pass over the needed shards. Only plain ``key.ext`` members are ever read (kd3.data.tars).
 """
 
 from __future__ import annotations
 
 import json
-import re
-import tarfile
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Iterator, Optional
 
-from kd3.errors import Kd3Error
+from kd3.data.tars import is_plain_key, iter_samples
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
-# webdataset's rule: the key is the path up to the first dot of the file name, the rest the extension
-_KEY_EXT = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")
-
-
-def split_member(name: str) -> Optional[tuple[str, str]]:
-    match = _KEY_EXT.match(name)
-    return (match.group(1), match.group(2)) if match else None
-
-
-def iter_samples(tar_path: Path, want: Optional[Callable[[str], bool]] = None
-                 ) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """(key, {extension: bytes}) per sample in file order; only keys for which ``want(key)`` holds are read."""
-    try:
-        tar = tarfile.open(tar_path, mode="r|*")  # stream mode: no index, no seeking, constant memory
-    except (OSError, tarfile.TarError) as exc:
-        raise Kd3Error(f"{tar_path}: not a readable tar shard ({exc})") from None
-    key: Optional[str] = None
-    files: dict[str, bytes] = {}
-    with tar:
-        for member in tar:
-            if not member.isfile():
-                continue
-            parts = split_member(member.name)
-            if parts is None:
-                continue  # e.g. a stray file without extension
-            if parts[0] != key:
-                if files:
-                    yield key, files  # type: ignore[misc]
-                key, files = parts[0], {}
-            if want is not None and not want(parts[0]):
-                continue  # skipping = not reading the member; the stream moves past it
-            handle = tar.extractfile(member)
-            if handle is not None:
-                files[parts[1]] = handle.read()
-    if files:
-        yield key, files  # type: ignore[misc]
 
 
 def image_entry(files: dict[str, bytes]) -> Optional[tuple[str, bytes]]:
@@ -68,12 +31,7 @@ def sample_uid(key: str, files: dict[str, bytes]) -> str:
             uid = None
         if uid:
             return str(uid)
-    return _base(key)
-
-
-def _base(key: str) -> str:
-    """A sample key without folders inside the tar (img2dataset writes none, other tools may)."""
-    return key.rsplit("/", 1)[-1]
+    return key
 
 
 def _text(value: object) -> Optional[str]:
@@ -97,19 +55,19 @@ def find_samples(shards_dir: Path, wanted: list[tuple[str, Optional[str], Option
     loose: set[str] = set()
     for uid, shard, key in wanted:
         shard, key = _text(shard), _text(key)
-        if shard and key and (shards_dir / f"{shard}.tar").is_file():
+        # a manifest cell never becomes a path unless it is a plain shard name
+        if shard and key and is_plain_key(shard) and (shards_dir / f"{shard}.tar").is_file():
             by_shard.setdefault(shard, {})[key] = uid
         else:
             loose.add(uid)
     for shard in sorted(by_shard):
         keys = by_shard[shard]
-        for key, files in iter_samples(shards_dir / f"{shard}.tar", want=lambda k, keys=keys: _base(k) in keys):
-            base = _base(key)
-            uid = keys[base]
+        for key, files in iter_samples(shards_dir / f"{shard}.tar", want=lambda k, keys=keys: k in keys):
+            uid = keys[key]
             if sample_uid(key, files) != uid:
                 loose.add(uid)
                 continue
-            yield uid, shard, base, files
+            yield uid, shard, key, files
     if not loose:
         return
     for path in sorted(shards_dir.glob("*.tar")):
@@ -117,6 +75,6 @@ def find_samples(shards_dir: Path, wanted: list[tuple[str, Optional[str], Option
             uid = sample_uid(key, files)
             if uid in loose:
                 loose.discard(uid)
-                yield uid, path.stem, _base(key), files
+                yield uid, path.stem, key, files
         if not loose:
             return

@@ -9,6 +9,13 @@
 
 BatchNorm statistics are averaged like any other floating buffer (as the reference does); integer
 buffers (BN ``num_batches_tracked``) take the latest value. Pure torch: no I/O, no logging.
+
+Own code rather than ``torch.optim.swa_utils.AveragedModel``: that keeps a deep copy of the whole
+module per average and accumulates in the parameters' dtype, while kd3 needs float32 accumulation
+for low-precision students, SWAD's per-segment averages merged over a window chosen afterwards, and
+averages saved as plain state dicts in the trainer checkpoint for exact resume. (BN recompute is
+``swa_utils.update_bn``'s rule, kept in kd3.stages.average because update_bn would also reset the
+frozen teacher head's statistics of a KD³ student.)
 """
 
 from __future__ import annotations

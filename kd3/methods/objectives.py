@@ -36,10 +36,13 @@ class StepOutput:
     tensors: Optional[dict[str, torch.Tensor]] = None
     #: the student backbone's pooled feature [B, D_S], graph-attached (set with return_pooled=True)
     student_pooled: Optional[torch.Tensor] = None
+    #: the student's logits [B, K] of this step's forward (before the update), graph-attached; the
+    #: loop logs agreement with the teacher from them, so no extra forward is needed for logging
+    student_logits: Optional[torch.Tensor] = None
 
 
 class Objective(nn.Module):
-    """What the training loop knows of a method: a step, and two optional hooks.
+    """What the training loop knows of a method: a step, and an optional hook.
 
     ``forward(x_student, x_teacher, teacher_logits, generator, *, teacher_feature=None)`` returns a
     :class:`StepOutput`; ``teacher_feature`` is the score cache's pooled teacher feature [B, D_T]
@@ -56,10 +59,6 @@ class Objective(nn.Module):
 
     def begin_epoch(self, epoch: int, rows: torch.Tensor) -> None:
         """Called before each epoch with the score-cache rows [n] the epoch trains on."""
-
-    def step_metrics(self, x_student: torch.Tensor, teacher_logits: torch.Tensor) -> dict[str, float]:
-        """Per-batch sums of extra metrics (divided by the epoch's sample count when logged)."""
-        return {}
 
 
 class KDObjective(Objective):
@@ -81,7 +80,8 @@ class KDObjective(Objective):
         else:
             logits = self.student(x_student)
         loss = kd_loss(logits, teacher_logits, self.temperature)
-        return StepOutput(loss=loss, terms={"kd": loss.item()}, tensors={"kd": loss}, student_pooled=pooled)
+        return StepOutput(loss=loss, terms={"kd": loss.item()}, tensors={"kd": loss}, student_pooled=pooled,
+                          student_logits=logits)
 
 
 class KD3Objective(Objective):
@@ -133,16 +133,6 @@ class KD3Objective(Objective):
             return self.student.project(student_map)
         return self.projector(student_map, self.teacher_map_size)
 
-    def step_metrics(self, x_student: torch.Tensor, teacher_logits: torch.Tensor) -> dict[str, float]:
-        """``train_agreement``: the updated student's top-1 agreement with the teacher on the batch.
-
-        A second forward in training mode (so it also moves BatchNorm running statistics, as it
-        always has: results stay comparable across versions); the performance work may drop it.
-        """
-        with torch.no_grad():
-            agree = (self.student(x_student).argmax(1) == teacher_logits.argmax(1)).sum().item()
-        return {"train_agreement": agree}
-
     @property
     def uses_teacher_feature_map(self) -> bool:
         return self.feature_alignment
@@ -189,7 +179,7 @@ class KD3Objective(Objective):
             terms["kl"] = self.kl_weight * kd_loss(logits, teacher_logits, self.kl_temperature)
         loss = torch.stack(list(terms.values())).sum()
         return StepOutput(loss=loss, terms={k: v.item() for k, v in terms.items()}, weights=weights, tensors=terms,
-                          student_pooled=f_s if self.return_pooled else None)
+                          student_pooled=f_s if self.return_pooled else None, student_logits=logits)
 
 
 class WithND(Objective):
@@ -235,9 +225,6 @@ class WithND(Objective):
         if self.means_for_rows is not None:
             self.set_class_means(self.means_for_rows(rows))
 
-    def step_metrics(self, x_student: torch.Tensor, teacher_logits: torch.Tensor) -> dict[str, float]:
-        return self.inner.step_metrics(x_student, teacher_logits)
-
     def set_class_means(self, means: torch.Tensor) -> None:
         """Teacher class means c [K, D_T] (zero rows for classes without samples)."""
         if means.dim() != 2 or means.shape[1] != self.head.linear.out_features:
@@ -261,4 +248,4 @@ class WithND(Objective):
         term = self.weight * nd_loss(embedding, teacher_feature, teacher_logits.argmax(1), self.class_means)
         tensors = {**(step.tensors or {}), "nd": term}
         return StepOutput(loss=step.loss + term, terms={**step.terms, "nd": term.item()}, weights=step.weights,
-                          tensors=tensors, student_pooled=pooled)
+                          tensors=tensors, student_pooled=pooled, student_logits=step.student_logits)

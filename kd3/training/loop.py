@@ -137,8 +137,9 @@ class Trainer:
                 sums[name] = sums.get(name, 0.0) + value * n
             if step.weights is not None:
                 data.weights[batch["row"]] = step.weights.detach().float().cpu()
-            for name, value in self.objective.step_metrics(x, z_t).items():
-                extras[name] = extras.get(name, 0.0) + value
+            if step.student_logits is not None:  # this step's own forward: the student before its update
+                agree = (step.student_logits.detach().argmax(1) == z_t.argmax(1)).sum().item()
+                extras["train_agreement"] = extras.get("train_agreement", 0.0) + agree
         lr = self.optimizer.param_groups[0]["lr"]
         self.scheduler.step()
         record.update({name: total / max(seen, 1) for name, total in sums.items()})

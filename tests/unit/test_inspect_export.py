@@ -118,3 +118,16 @@ def test_export_with_nothing_to_write_fails_before_touching_the_output(run, tmp_
     with pytest.raises(Kd3Error, match="no sample passes the filter"):
         export_selection(pick_manifests(run, "1")[0], RowFilter(min_conf=0.999), run / "download" / "shards", out)
     assert not out.exists()
+
+
+@pytest.mark.parametrize("uid", ["../../../../x", "has.dot", "a/b"])
+def test_export_refuses_a_uid_that_is_not_a_plain_key_before_writing(run, tmp_path, uid):
+    """issue 15: a uid from the URL list must never become a tar member name with a path in it."""
+    ref = pick_manifests(run, "1")[0]
+    frame = pd.read_parquet(ref.path)
+    frame.loc[0, "uid"] = uid
+    frame.to_parquet(ref.path, index=False)
+    out = tmp_path / "export"
+    with pytest.raises(Kd3Error, match="is not a plain sample key"):
+        export_selection(pick_manifests(run, "1")[0], RowFilter(), run / "download" / "shards", out)
+    assert not out.exists()
