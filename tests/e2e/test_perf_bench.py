@@ -19,5 +19,5 @@ def test_perf_benchmark_runs_every_measure_on_the_toy_run(toy_run, tmp_path):
                            "--config", str(DEMO_CONFIG), *overrides], cwd=REPO, capture_output=True, text=True)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     table = [line for line in done.stdout.splitlines() if line.startswith("| ") and line[2].isdigit()]
-    assert [line.split("|")[1].strip() for line in table[:6]] == ["1", "2", "3", "4", "5", "6"]
-    assert all(line.rstrip(" |").endswith(("met", "MISSED")) for line in table[:6])
+    assert [line.split("|")[1].strip() for line in table[:7]] == ["1", "1b", "2", "3", "4", "5", "6"]
+    assert all(line.rstrip(" |").endswith(("met", "MISSED")) for line in table[:7])
