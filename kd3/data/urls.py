@@ -197,6 +197,10 @@ class AddressPolicy:
     allowed: tuple[IPNetwork, ...] = ()
     resolver: Resolver = field(default=system_resolver, compare=False)
 
+    def refusal(self, address: str) -> Optional[str]:
+        """Why ``address`` (an IP literal) is refused, or None."""
+        return address_refusal(ipaddress.ip_address(address), self.allowed)
+
     def check_host(self, host: str, port: int) -> list[str]:
         """The addresses to connect to for ``host``; raises :class:`UrlRefused` when any resolved address
         is refused (so a name resolving to one public and one private address is refused too)."""
