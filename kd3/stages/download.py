@@ -174,6 +174,9 @@ def run(cfg: PipelineConfig, out: StageDir) -> dict[str, Any]:
     # OpenCV's own limit, read when img2dataset's spawned workers import cv2: the pixel cap for what
     # the guard cannot sniff (https bodies, unknown formats)
     decoder_limit = {"OPENCV_IO_MAX_IMAGE_PIXELS": str(d.max_pixels)}
+    if d.distributor != "multiprocessing":
+        log.warning(f"[{NAME}] distributor {d.distributor}: workers on other machines do not get the crawl guard "
+                    "(address policy, deadline, byte and pixel caps); use multiprocessing where that matters")
     with server as base_url, _guard(cfg) as guard, proxied_environment(guard.url, decoder_limit):
         resolved = frame[[c for c in frame.columns if c in {"url", urls.caption_column, *urls.extra_columns}]].copy()
         if base_url is not None:
