@@ -89,14 +89,13 @@ def main(args: argparse.Namespace) -> int:
             rows = conform(filtered_batches(ref, flt, columns), schema, str(ref.path))
             yield from (join_url_columns(rows, lookup) if lookup is not None else rows)
 
-    if lookup is not None:
-        schema = pa.schema([*schema, *(lookup.schema.field(c) for c in url_columns)])
+    output_schema = schema if lookup is None else pa.schema([*schema, *(lookup.schema.field(c) for c in url_columns)])
 
     if args.output:
         output = Path(args.output)
         if output.exists() and not args.overwrite:
             raise Kd3Error(f"--output {output} exists; pass --overwrite to replace it")
-        rows = write_rows(batches(), schema, output)
+        rows = write_rows(batches(), output_schema, output)
         log.info(f"[{NAME}] {rows} row(s) from {len(refs)} manifest(s) -> {output}")
         return 0
     if args.limit < 0:
