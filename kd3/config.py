@@ -156,8 +156,22 @@ class DownloadSection(Section):
     """img2dataset options (see its docs); kd3 adds the uid column and the loopback server."""
 
     url_list: str
+    #: the list's URL column (None: "url", else "URL")
+    url_column: Optional[str] = None
+    #: the list's caption column, stored as each sample's .txt and "caption" (None: "caption", "TEXT" or "text" if present)
+    caption_column: Optional[str] = None
     #: serve this folder on 127.0.0.1 during the download and fill "{port}" in the URLs
     serve_root: Optional[str] = None
+    #: networks the crawl may reach although they are not public (CIDR, e.g. "127.0.0.1/32" for the
+    #: demo's loopback server); every private, loopback, link-local, multicast and reserved address
+    #: outside them is refused, for each redirect hop
+    allow_networks: list[str] = Field(default_factory=list)
+    #: most pixels (width x height) an image may have; larger ones are refused before decoding
+    max_pixels: int = Field(default=4096 * 4096, ge=1)
+    #: most bytes one response may carry
+    max_bytes: int = Field(default=16 * 1024 * 1024, ge=1)
+    #: seconds one request (each redirect hop) may take in all, however slowly its bytes arrive
+    deadline: float = Field(default=20.0, gt=0)
     image_size: int = Field(default=32, ge=8)
     resize_mode: Literal["no", "border", "keep_ratio", "keep_ratio_largest", "center_crop"] = "border"
     encode_format: Literal["jpg", "png", "webp"] = "png"
@@ -172,6 +186,18 @@ class DownloadSection(Section):
     user_agent_token: Optional[str] = "kd3"
     disallowed_header_directives: list[str] = Field(default_factory=lambda: ["noai", "noimageai", "noindex", "noimageindex"])
 
+
+    @field_validator("allow_networks")
+    @classmethod
+    def _networks_parse(cls, values: list[str]) -> list[str]:
+        import ipaddress
+
+        for value in values:
+            try:
+                ipaddress.ip_network(str(value).strip(), strict=False)
+            except ValueError as exc:
+                raise ValueError(f"allow_networks: {value!r} is not a network in CIDR form ({exc})") from None
+        return values
 
     @model_validator(mode="after")
     def _quality_fits_format(self) -> "DownloadSection":

@@ -4,7 +4,7 @@ A stage writes only under its own folder and reads other stages' outputs through
 (and the readers in :mod:`kd3.data`), never through literals of its own.
 
 ```
-RUN/download/  url_list.parquet, shards/ (NNNNN.tar, NNNNN.parquet, NNNNN_stats.json), meta.json
+RUN/download/  url_list.parquet, refused.parquet, shards/ (NNNNN.tar, NNNNN.parquet, NNNNN_stats.json), meta.json
 RUN/score/     teacher_outputs.parquet, pixels.npy + pixel_channels.npy (decoded-pixel cache),
                teacher_feature_maps.npy, meta.json
 RUN/select/    manifest.parquet, meta.json
@@ -32,6 +32,8 @@ INSPECT = "inspect"
 
 # artifacts
 URL_LIST = "url_list.parquet"
+#: URL-list rows the download refused before any request (uid, url as given, reason)
+REFUSED_URLS = "refused.parquet"
 SCORE_CACHE = "teacher_outputs.parquet"
 #: the score stage's decoded-pixel cache (kd3.data.pixel_cache)
 PIXEL_CACHE = "pixels.npy"

@@ -5,6 +5,7 @@ Examples:
   kd3 query --run-dir runs/demo --epoch all --class 3 --min-conf 0.9 --output class3.csv
   kd3 query --manifest runs/demo/select/manifest.parquet --rejected --output rejected.parquet
   kd3 query --run-dir runs/demo --summary                               # the summary tables
+  kd3 query --run-dir runs/laion --selected --url-columns TEXT,LICENSE  # with the crawl list's columns
 """
 
 from __future__ import annotations
@@ -30,6 +31,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                  "manifest) or 'all' (every training epoch)")
     add_filter_arguments(parser, default_selected=None)
     parser.add_argument("--columns", default=None, help="comma-separated columns to output (default: all in files)")
+    parser.add_argument("--url-columns", default=None,
+                        help="comma-separated columns of the download's URL list (e.g. TEXT,LICENSE: a crawl "
+                             "list's caption and extra columns) to add to each row, joined on uid")
     parser.add_argument("--output", default=None, help="write the rows to this .csv or .parquet file")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
     parser.add_argument("--limit", type=int, default=20, help="rows printed without --output (default 20)")
@@ -63,11 +67,13 @@ def main(args: argparse.Namespace) -> int:
     from kd3.errors import Kd3Error
     from kd3.inspect.args import resolve_source, row_filter
     from kd3.inspect.manifests import prediction_columns
-    from kd3.inspect.query import conform, filtered_batches, schema_of, write_rows
+    from kd3.inspect.query import conform, filtered_batches, join_url_columns, schema_of, url_list_columns, write_rows
 
     if args.summary:
+        if args.url_columns:
+            raise Kd3Error("--summary describes whole manifests; drop --url-columns")
         return _summary(args)
-    refs, _, names = resolve_source(args)
+    refs, run_dir, names = resolve_source(args)
     flt = row_filter(args, names)
     columns = [c.strip() for c in args.columns.split(",") if c.strip()] if args.columns else None
     if columns is None and not args.output:  # a readable subset on the terminal; files get everything
@@ -75,16 +81,21 @@ def main(args: argparse.Namespace) -> int:
         present = set(schema_of(refs[0]).names)
         columns = [c for c in (t.format(label=label_col, conf=conf_col) for t in TERMINAL_COLUMNS) if c in present]
     schema = schema_of(refs[0], columns)
+    url_columns = [c.strip() for c in args.url_columns.split(",") if c.strip()] if args.url_columns else []
+    lookup = url_list_columns(run_dir, url_columns) if url_columns else None
 
     def batches():
         for ref in refs:
-            yield from conform(filtered_batches(ref, flt, columns), schema, str(ref.path))
+            rows = conform(filtered_batches(ref, flt, columns), schema, str(ref.path))
+            yield from (join_url_columns(rows, lookup) if lookup is not None else rows)
+
+    output_schema = schema if lookup is None else pa.schema([*schema, *(lookup.schema.field(c) for c in url_columns)])
 
     if args.output:
         output = Path(args.output)
         if output.exists() and not args.overwrite:
             raise Kd3Error(f"--output {output} exists; pass --overwrite to replace it")
-        rows = write_rows(batches(), schema, output)
+        rows = write_rows(batches(), output_schema, output)
         log.info(f"[{NAME}] {rows} row(s) from {len(refs)} manifest(s) -> {output}")
         return 0
     if args.limit < 0:

@@ -125,3 +125,32 @@ def write_rows(batches: Iterable[pa.RecordBatch], schema: pa.Schema, output: Pat
         finally:
             writer.close()
     return rows
+
+
+def url_list_columns(run_dir: Optional[Path], columns: Sequence[str]) -> pa.Table:
+    """uid plus ``columns`` of the download's URL list (``RUN/download/url_list.parquet``: the crawl
+    list's caption and extra columns, kept there once rather than copied into every manifest)."""
+    from kd3.inspect.truth import url_list_path
+
+    if run_dir is None:
+        raise Kd3Error("--url-columns: cannot tell which run this manifest belongs to; pass --run-dir")
+    path = url_list_path(run_dir)
+    if not path.is_file():
+        raise Kd3Error(f"--url-columns: {path} not found (run `kd3 download` for this run first)")
+    present = pq.read_schema(path).names
+    unknown = [c for c in columns if c not in present or c == "uid"]
+    if unknown:
+        raise Kd3Error(f"--url-columns: {path} has no column(s) {', '.join(unknown)} (it has: {', '.join(present)})")
+    return pq.read_table(path, columns=["uid", *columns])
+
+
+def join_url_columns(batches: Iterable[pa.RecordBatch], lookup: pa.Table) -> Iterator[pa.RecordBatch]:
+    """Each batch with the lookup's columns appended, matched on uid (null where a uid is not listed)."""
+    uids = lookup.column("uid").combine_chunks()
+    extra = [(name, lookup.column(name).combine_chunks()) for name in lookup.column_names if name != "uid"]
+    for batch in batches:
+        if "uid" not in batch.schema.names:
+            raise Kd3Error("--url-columns joins on uid: keep uid in --columns")
+        where = pc.index_in(batch.column("uid").cast(uids.type), value_set=uids)
+        arrays = list(batch.columns) + [values.take(where) for _, values in extra]
+        yield pa.RecordBatch.from_arrays(arrays, names=[*batch.schema.names, *(name for name, _ in extra)])

@@ -1,9 +1,14 @@
 """download: URL list → webdataset shards + per-shard parquet, with img2dataset.
 
-Outputs in ``RUN/download/``: ``url_list.parquet`` (the list as given, plus uid), ``shards/``
-(img2dataset's ``NNNNN.tar``, ``NNNNN.parquet``, ``NNNNN_stats.json``; nothing else, because
-img2dataset's resume parses every json there) and ``meta.json`` (counts, failure reasons).
-Failed URLs are recorded in the per-shard parquet (``status``, ``error_message``), never fatal.
+Outputs in ``RUN/download/``: ``url_list.parquet`` (the list as given, URL column named ``url`` and
+normalised, plus uid), ``refused.parquet`` (rows refused before any request: uid, url, reason),
+``shards/`` (img2dataset's ``NNNNN.tar``, ``NNNNN.parquet``, ``NNNNN_stats.json``; nothing else,
+because img2dataset's resume parses every json there) and ``meta.json`` (counts, failure reasons,
+duplicates, the crawl guard's counts). Failed URLs are recorded in the per-shard parquet
+(``status``, ``error_message``), never fatal.
+
+Every request goes through :mod:`kd3.data.crawl_guard` (address policy per redirect hop, deadline,
+byte and pixel caps); the decoder in img2dataset's workers gets OpenCV's pixel limit as well.
 """
 
 from __future__ import annotations
@@ -18,11 +23,15 @@ import threading
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
+
 from kd3 import layout
 from kd3.config import PipelineConfig, require_file, resolve_path
 from kd3.data.demo import PORT_PLACEHOLDER
-from kd3.data.loopback import serve_directory
-from kd3.data.manifest import read_url_list
+from kd3.data.loopback import LOOPBACK, serve_directory
+from kd3.data.crawl_guard import GuardLimits, crawl_guard, guard_reason, proxied_environment
+from kd3.data.manifest import UrlList, read_url_list
+from kd3.data.urls import AddressPolicy, parse_networks
 from kd3.data.shards import canonicalize_shard, read_download_index, shards_dir
 from kd3.errors import ConfigError, Kd3Error
 from kd3.progress import Progress
@@ -42,9 +51,13 @@ def _url_list_path(cfg: PipelineConfig) -> Path:
 def check(cfg: PipelineConfig, run_dir: Path) -> dict[str, str]:
     url_list = require_file(cfg, "download.url_list", _url_list_path(cfg),
                             "write one with `kd3 demo-data` or point download.url_list at your URL list")
-    if cfg.download.serve_root is not None and not resolve_path(cfg.download.serve_root, run_dir).is_dir():
-        raise ConfigError(f"{cfg.source}: download.serve_root: folder not found: {cfg.download.serve_root} "
-                          "(run `kd3 demo-data` first)")
+    if cfg.download.serve_root is not None:
+        if not resolve_path(cfg.download.serve_root, run_dir).is_dir():
+            raise ConfigError(f"{cfg.source}: download.serve_root: folder not found: {cfg.download.serve_root} "
+                              "(run `kd3 demo-data` first)")
+        if AddressPolicy(parse_networks(cfg.download.allow_networks)).refusal(LOOPBACK) is not None:
+            raise ConfigError(f"{cfg.source}: download.serve_root serves on {LOOPBACK}, which the crawl refuses; "
+                              f"add \"{LOOPBACK}/32\" to download.allow_networks")
     return {"url_list": file_fingerprint(url_list)}
 
 
@@ -53,8 +66,12 @@ def _failure_reason(message: Any) -> str:
     text = str(message or "")
     if not text or text == "None":
         return "ok"
+    guarded = guard_reason(text)
+    if guarded is not None:
+        return f"refused: {guarded}" if guarded not in ("timeout", "connection error") else guarded
     lowered = text.lower()
-    for needle, reason in (("404", "http 404"), ("timed out", "timeout"), ("timeout", "timeout"),
+    for needle, reason in (("cv_io_max_image_pixels", "refused: too many pixels"),
+                           ("image area too large", "refused: too many pixels"),("404", "http 404"), ("timed out", "timeout"), ("timeout", "timeout"),
                            ("cannot identify image", "not an image"),
                            ("image decoding error", "not an image"), ("opencv", "not an image"), ("image file is truncated", "truncated image"),
                            ("truncated", "truncated image"), ("connection", "connection error"),
@@ -105,43 +122,63 @@ def _bar_into(buffer):
     return contextlib.nullcontext() if sys.stderr.isatty() else contextlib.redirect_stderr(buffer)
 
 
-def _download(cfg: PipelineConfig, resolved: Path, out_dir: Path, extra_columns: list[str]) -> str:
+def _download(cfg: PipelineConfig, resolved: Path, out_dir: Path, urls: UrlList) -> str:
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations otherwise calls home
     from img2dataset import download
 
     d = cfg.download
     with capture_stdout() as printed, _bar_into(printed):
         download(
-            url_list=str(resolved), input_format="parquet", url_col="url",
-            save_additional_columns=extra_columns, output_format="webdataset", output_folder=str(out_dir),
+            url_list=str(resolved), input_format="parquet", url_col="url", caption_col=urls.caption_column,
+            save_additional_columns=urls.extra_columns, output_format="webdataset", output_folder=str(out_dir),
             image_size=d.image_size, resize_mode=d.resize_mode, encode_format=d.encode_format,
             encode_quality=d.resolved_encode_quality, processes_count=d.processes_count, thread_count=d.thread_count,
             number_sample_per_shard=d.number_sample_per_shard, timeout=d.timeout, retries=d.retries,
             distributor=d.distributor, user_agent_token=d.user_agent_token,
             disallowed_header_directives=d.disallowed_header_directives, incremental_mode="incremental",
-            enable_wandb=False,
+            max_image_area=d.max_pixels, enable_wandb=False,
         )
     return printed.getvalue()
 
 
+def _guard(cfg: PipelineConfig):
+    d = cfg.download
+    return crawl_guard(AddressPolicy(parse_networks(d.allow_networks)),
+                       GuardLimits(max_pixels=d.max_pixels, max_bytes=d.max_bytes, deadline=d.deadline,
+                                   timeout=d.timeout))
+
+
 def run(cfg: PipelineConfig, out: StageDir) -> dict[str, Any]:
     run_dir = out.run_dir
-    urls = read_url_list(_url_list_path(cfg))
+    d = cfg.download
+    urls = read_url_list(_url_list_path(cfg), d.url_column, d.caption_column, port_placeholder=PORT_PLACEHOLDER)
+    frame = urls.frame
     with atomic_path(out.path / layout.URL_LIST) as tmp:
-        urls.to_parquet(tmp, index=False)
-    templated = urls["url"].str.contains(PORT_PLACEHOLDER, regex=False).any()
-    serve_root = cfg.download.serve_root
+        frame.to_parquet(tmp, index=False)
+    with atomic_path(out.path / layout.REFUSED_URLS) as tmp:
+        urls.refused.to_parquet(tmp, index=False)
+    dropped = sorted(set(frame.columns) - set(urls.extra_columns) - {"url", urls.caption_column})
+    if dropped:
+        log.info(f"[{NAME}] columns {dropped} use names img2dataset reserves: kept in "
+                 f"{layout.DOWNLOAD}/{layout.URL_LIST} (joined by uid), not in the per-shard parquet")
+    templated = frame["url"].str.contains(PORT_PLACEHOLDER, regex=False).any()
+    serve_root = d.serve_root
     if templated and serve_root is None:
-        raise Kd3Error(f"{cfg.download.url_list}: URLs contain {PORT_PLACEHOLDER} but download.serve_root is not set")
-    n_shards = math.ceil(len(urls) / cfg.download.number_sample_per_shard)
+        raise Kd3Error(f"{d.url_list}: URLs contain {PORT_PLACEHOLDER} but download.serve_root is not set")
+    n_shards = math.ceil(len(frame) / d.number_sample_per_shard)
     out_dir = shards_dir(out.path)
     out_dir.mkdir(parents=True, exist_ok=True)
-    extra_columns = [c for c in urls.columns if c != "url"]
     if serve_root is not None:
         serve_root = str(resolve_path(serve_root, run_dir))
     server = serve_directory(serve_root) if serve_root else contextlib.nullcontext(None)
-    with server as base_url:
-        resolved = urls.copy()
+    # OpenCV's own limit, read when img2dataset's spawned workers import cv2: the pixel cap for what
+    # the guard cannot sniff (https bodies, unknown formats)
+    decoder_limit = {"OPENCV_IO_MAX_IMAGE_PIXELS": str(d.max_pixels)}
+    if d.distributor != "multiprocessing":
+        log.warning(f"[{NAME}] distributor {d.distributor}: workers on other machines do not get the crawl guard "
+                    "(address policy, deadline, byte and pixel caps); use multiprocessing where that matters")
+    with server as base_url, _guard(cfg) as guard, proxied_environment(guard.url, decoder_limit):
+        resolved = frame[[c for c in frame.columns if c in {"url", urls.caption_column, *urls.extra_columns}]].copy()
         if base_url is not None:
             port = base_url.rsplit(":", 1)[1]
             resolved["url"] = resolved["url"].str.replace(PORT_PLACEHOLDER, port, regex=False)
@@ -150,10 +187,12 @@ def run(cfg: PipelineConfig, out: StageDir) -> dict[str, Any]:
         resolved_path = out.path / ".url_list_resolved.parquet"
         with atomic_path(resolved_path) as tmp:
             resolved.to_parquet(tmp, index=False)
-        log.info(f"[{NAME}] downloading {len(urls)} URLs into {n_shards} shard(s) with img2dataset …")
-        with _shard_progress(out_dir, len(urls)):
-            log_text = _download(cfg, resolved_path, out_dir, extra_columns)
+        log.info(f"[{NAME}] downloading {len(frame)} URLs into {n_shards} shard(s) with img2dataset "
+                 f"through the crawl guard at {guard.url} …")
+        with _shard_progress(out_dir, len(frame)):
+            log_text = _download(cfg, resolved_path, out_dir, urls)
         resolved_path.unlink(missing_ok=True)
+        guard_counts = dict(sorted(guard.counts.items()))
     (out.path / "img2dataset.log").write_text(log_text)
     done = len(list(out_dir.glob("*_stats.json")))
     if done < n_shards:
@@ -163,10 +202,15 @@ def run(cfg: PipelineConfig, out: StageDir) -> dict[str, Any]:
         canonicalize_shard(shard)  # deterministic sample order, whatever order downloads finished in
     index = read_download_index(out.path, columns=["uid", "url", "status", "error_message"])
     # report template URLs (stable, port-free) so later stages and manifests never show a dead port
-    index["url"] = index["uid"].map(dict(zip(urls["uid"], urls["url"])))
-    reasons = index.loc[index["status"] != "success", "error_message"].map(_failure_reason).value_counts()
+    index["url"] = index["uid"].map(dict(zip(frame["uid"], frame["url"])))
+    failed = index.loc[index["status"] != "success", "error_message"].map(_failure_reason)
+    reasons = pd.concat([failed, urls.refused["reason"].map(lambda r: f"refused: {r}")]).value_counts()
     n_ok = int((index["status"] == "success").sum())
+    duplicates = {"url": urls.duplicate_urls, "uid": urls.duplicate_uids}
     log.info(f"[{NAME}] ok {n_ok}, failed {len(index) - n_ok} of {len(index)}"
-             + (f" ({', '.join(f'{k}: {v}' for k, v in reasons.items())})" if len(reasons) else ""))
-    return {"urls": len(urls), "ok": n_ok, "failed": int(len(index) - n_ok), "shards": n_shards,
-            "failures_by_reason": {str(k): int(v) for k, v in reasons.items()}}
+             + (f" ({', '.join(f'{k}: {v}' for k, v in reasons.items())})" if len(reasons) else "")
+             + (f"; refused before download {len(urls.refused)}" if len(urls.refused) else "")
+             + (f"; duplicates dropped: {duplicates}" if any(duplicates.values()) else ""))
+    return {"urls": len(frame), "ok": n_ok, "failed": int(len(index) - n_ok), "shards": n_shards,
+            "refused_before_download": len(urls.refused), "duplicates": duplicates,
+            "failures_by_reason": {str(k): int(v) for k, v in reasons.items()}, "guard": guard_counts}

@@ -20,5 +20,5 @@ def test_a_uid_column_with_a_path_like_value_is_refused_naming_the_row(tmp_path,
 def test_uids_derived_from_urls_are_plain_and_given_ones_kept(tmp_path):
     path = tmp_path / "urls.csv"
     pd.DataFrame({"url": ["http://127.0.0.1/a.png"], "uid": ["A-b_9"]}).to_csv(path, index=False)
-    assert read_url_list(path)["uid"].tolist() == ["A-b_9"]
+    assert read_url_list(path).frame["uid"].tolist() == ["A-b_9"]
     assert url_uid("http://127.0.0.1/a.png") == "61f32a24e7ef434a6d77a909f4bdaf6f"  # sha256(url)[:32]
