@@ -171,7 +171,7 @@ def merge_rows(values: torch.Tensor) -> torch.Tensor:
     filled = ~torch.isnan(flat).all(1)
     summed = all_reduce(torch.where(torch.isnan(flat), torch.zeros_like(flat), flat))
     counts = all_reduce(filled.to(torch.int32))
-    if int(counts.max(initial=0)) > 1:
+    if counts.numel() and int(counts.max()) > 1:
         raise Kd3Error("merge_rows: a row was filled by more than one rank (the rank split overlaps)")
     summed[counts == 0] = float("nan")
     return summed.reshape(values.shape)

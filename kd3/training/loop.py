@@ -166,6 +166,8 @@ class Trainer:
             record["mean_weight"] = float(data.weights[trained].mean())
         record.update({name: total / max(seen, 1) for name, total in extras.items()})
         record.update(lr=lr, samples=seen, step=self.global_step, seconds=round(time.monotonic() - started, 2))
+        if dist.is_distributed():
+            _check_ranks_agree(self.objective, epoch)
         self.start_epoch = epoch + 1  # the trainer state now describes the end of this epoch
         for cb in self.callbacks:
             cb.on_epoch_end(epoch, record, data, self.trainer_state)
@@ -338,3 +340,14 @@ def _merge_epoch_sums(sums: dict[str, float], extras: dict[str, float], seen: in
             total_extras[name] = total_extras.get(name, 0.0) + value
         total_seen += rank_seen
     return total_sums, total_extras, total_seen
+
+
+def _check_ranks_agree(objective: torch.nn.Module, epoch: int) -> None:
+    """Every rank must hold the same weights and buffers after an epoch (the next selection, the
+    averages and rank 0's checkpoint rely on it): one checksum per rank, compared exactly."""
+    with torch.no_grad():
+        checksum = [float(t.double().sum()) for t in [*objective.parameters(), *objective.buffers()]]
+    sums = dist.all_gather_object(checksum)
+    if any(other != sums[0] for other in sums[1:]):
+        raise Kd3Error(f"epoch {epoch + 1}: the ranks' students differ after the epoch's all-reduced steps; "
+                       "this is a kd3 bug (please report it with the stage log)")
