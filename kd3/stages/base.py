@@ -68,7 +68,8 @@ def execute(stage: ModuleType, cfg: PipelineConfig, run_dir: Path, mode: Mode,
 def _execute(stage: ModuleType, cfg: PipelineConfig, run_dir: Path, mode: Mode,
              argv: list[str] | None, dry_run: bool) -> dict[str, Any]:
     require_sections(cfg, stage)
-    dist.init(resolve_device(cfg.run.device).type)
+    if dist.world_from_env().size > 1:  # one process never resolves the device here (download needs none)
+        dist.init(resolve_device(cfg.run.device).type)
     # under torchrun rank 0 checks and opens the folder; the other ranks get its decisions (or its error)
     inputs = dist.main_decides(lambda: stage.check(cfg, run_dir))
     folder = stage.output_name(cfg) if hasattr(stage, "output_name") else stage.NAME
