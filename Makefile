@@ -12,6 +12,17 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
 
+# processes per node for score / train / train-kd / evaluate: NPROC=1 runs kd3 itself, more launch it
+# through torchrun (one process per GPU; on CPU, gloo); TORCHRUN_ARGS e.g. "--nnodes 2 --rdzv-backend c10d
+# --rdzv-endpoint host:29500 --rdzv-id job42" for several nodes
+NPROC ?= 1
+TORCHRUN_ARGS ?=
+ifeq ($(NPROC),1)
+LAUNCH = $(KD3)
+else
+LAUNCH = $(VENV)/bin/python -m torch.distributed.run --nproc_per_node $(NPROC) $(TORCHRUN_ARGS) -m kd3.cli
+endif
+
 export NO_ALBUMENTATIONS_UPDATE := 1
 export PYTHONUNBUFFERED := 1
 KD3 := $(VENV)/bin/kd3
@@ -21,7 +32,7 @@ STAMP := $(VENV)/.kd3-installed
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
-	@echo "  variables: CONFIG=$(CONFIG) RUN=$(RUN) ARGS='$(ARGS)'"
+	@echo "  variables: CONFIG=$(CONFIG) RUN=$(RUN) ARGS='$(ARGS)' NPROC=$(NPROC) (torchrun processes for score, train, evaluate)"
 
 $(STAMP): pyproject.toml
 	@test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -66,22 +77,22 @@ download: $(STAMP) ## URL list -> webdataset shards + parquet (img2dataset)
 	$(KD3) download --config $(CONFIG) --run-dir $(RUN) $(ARGS)
 
 score: $(STAMP) ## teacher outputs per sample, cached by uid
-	$(KD3) score --config $(CONFIG) --run-dir $(RUN) $(ARGS)
+	$(LAUNCH) score --config $(CONFIG) --run-dir $(RUN) $(ARGS)
 
 select: $(STAMP) ## selection manifest
 	$(KD3) select --config $(CONFIG) --run-dir $(RUN) $(ARGS)
 
 train: $(STAMP) ## train the student (checkpoint + metrics per epoch)
-	$(KD3) train --config $(CONFIG) --run-dir $(RUN) $(ARGS)
+	$(LAUNCH) train --config $(CONFIG) --run-dir $(RUN) $(ARGS)
 
 train-kd: $(STAMP) ## train the plain-KD baseline (whole pool) into RUN/train-kd
-	$(KD3) train --config $(CONFIG) --run-dir $(RUN) train.objective=kd train.selector=all train.output=train-kd $(ARGS)
+	$(LAUNCH) train --config $(CONFIG) --run-dir $(RUN) train.objective=kd train.selector=all train.output=train-kd $(ARGS)
 
 average: $(STAMP) ## write the WAKD / SMA / SWAD averages kept by train as student checkpoints
 	$(KD3) average --config $(CONFIG) --run-dir $(RUN) $(ARGS)
 
 evaluate: $(STAMP) ## accuracy / agreement / KL / ECE / per-class report + reliability diagrams
-	$(KD3) evaluate --config $(CONFIG) --run-dir $(RUN) $(ARGS)
+	$(LAUNCH) evaluate --config $(CONFIG) --run-dir $(RUN) $(ARGS)
 
 inspect: $(STAMP) ## what was selected and why: summary, plots, contact sheets, index.html
 	$(KD3) inspect --config $(CONFIG) --run-dir $(RUN) $(ARGS)

@@ -87,16 +87,29 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(unknown_flags or extras)}")
     if extras:
         args.overrides = [*args.overrides, *extras]
-    logs.setup("quiet" if args.quiet else "verbose" if args.verbose else "normal")
+    from kd3 import dist
+    from kd3.training.preemption import EXIT_CODE, Preempted
+
+    try:
+        other_rank = dist.world_from_env().rank != 0  # under torchrun: rank 0's console speaks for all
+    except Kd3Error as exc:
+        print(f"kd3: error: {exc}", file=sys.stderr)
+        return 2
+    logs.setup("quiet" if args.quiet or (other_rank and not args.verbose) else "verbose" if args.verbose else "normal")
     progress.settings.every = max(args.progress_every, 0.0)
     try:
         return _dispatch(args, argv)
     except Kd3Error as exc:  # the one-line error on stderr, whatever --quiet says (a stage's log file has more)
         print(f"kd3: error: {exc}", file=sys.stderr)
         return 2
+    except Preempted as exc:
+        print(f"kd3: preempted: {exc}", file=sys.stderr)
+        return EXIT_CODE
     except KeyboardInterrupt:
         print("kd3: interrupted; rerun the stage with --resume to continue", file=sys.stderr)
         return 130
+    finally:
+        dist.shutdown()
 
 
 def _dispatch(args: argparse.Namespace, argv: list[str]) -> int:

@@ -8,6 +8,7 @@ from typing import Optional
 
 import torch
 
+from kd3 import dist
 from kd3.data.images import normalize, prepare_uint8
 from kd3.data.pixel_cache import PoolPixels
 from kd3.data.shards import ShardImages, image_loader
@@ -20,13 +21,17 @@ from kd3.progress import Progress
 def pool_logits(model: torch.nn.Module, spec: InputSpec, num_classes: int, shards: list[Path],
                 uid_to_row: dict[str, int], batch_size: int, num_workers: int, device: torch.device,
                 pixels: Optional[PoolPixels] = None, desc: str = "pool pass",
-                progress: Optional[Progress] = None) -> torch.Tensor:
+                progress: Optional[Progress] = None, split_by_rank: bool = False) -> torch.Tensor:
     """The model's logits on every (un-augmented) pool sample of ``uid_to_row``, in its row order
     [N, K]; images from the decoded-pixel cache when given.
 
-    Progress lines are headed ``desc`` (batches), or the pass counts its samples into ``progress``."""
+    With ``split_by_rank`` under torchrun (every rank calls it), each rank passes over its share of
+    the shards and every rank gets all the logits. Progress lines are headed ``desc`` (batches), or
+    the pass counts its samples into ``progress``."""
     model.eval()
     logits = torch.full((len(uid_to_row), num_classes), float("nan"))
+    if split_by_rank:
+        shards = dist.rank_split(shards)
     loader = image_loader(ShardImages(shards, spec, uid_to_row=uid_to_row, pixels=pixels), batch_size, num_workers)
     if progress is None:
         loader = Progress(loader, desc, unit="batch", total=math.ceil(len(uid_to_row) / batch_size))
@@ -34,6 +39,8 @@ def pool_logits(model: torch.nn.Module, spec: InputSpec, num_classes: int, shard
         if progress is not None:
             progress.update(len(batch["row"]))
         logits[batch["row"]] = model(normalize(batch["image"].to(device), spec)).float().cpu()
+    if split_by_rank:
+        logits = dist.merge_rows(logits)
     missing = torch.isnan(logits[:, 0])
     if missing.any():
         raise Kd3Error(f"{int(missing.sum())} scored samples could not be read back from the shards; "

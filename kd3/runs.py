@@ -131,7 +131,10 @@ class StageDir:
 
     def write_meta(self, **updates: Any) -> None:
         self.meta.update(updates)
-        atomic_write_json(self.meta_path, self.meta)
+        from kd3 import dist
+
+        if dist.is_main():  # under torchrun, rank 0 alone writes the stage's meta.json
+            atomic_write_json(self.meta_path, self.meta)
 
     def finish(self, counts: dict[str, Any]) -> None:
         self.write_meta(status="complete", counts=counts, finished_at=_now())

@@ -40,4 +40,6 @@ def configure(run: RunSection) -> torch.device:
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False
     seed_everything(run.seed)
-    return resolve_device(run.device)
+    from kd3.dist import device_for
+
+    return device_for(resolve_device(run.device))  # cuda:LOCAL_RANK under torchrun

@@ -6,6 +6,9 @@ on; or ``sections(cfg)`` when they depend on the config, e.g. the training objec
 output folder name is configurable also defines ``output_name(cfg)``. A stage whose result is one
 file (a report) returns its path as ``counts["output"]``; it is printed as the last line.
 A stage that reads a config section outside its ``SECTIONS`` (a batch size, say) lists it in ``READS``.
+Under torchrun (:mod:`kd3.dist`) rank 0 checks the inputs, opens the folder and writes meta.json and
+the stage log; a stage with ``DISTRIBUTED = True`` then runs on every rank (splitting its work by
+rank), any other stage on rank 0 alone.
 
 A stage needs only the config sections it reads; one of them missing from the config is a one-line
 error before any work. Each stage appends its log to ``RUN/<stage>/stage.log`` (:mod:`kd3.logs`).
@@ -21,12 +24,13 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from kd3 import layout
+from kd3 import dist, layout
 from kd3.config import PipelineConfig
 from kd3.errors import ConfigError
 from kd3.logs import FILE_ONLY, stage_log
 from kd3.models.user_code import allow_user_code
 from kd3.runs import Mode, StageDir, open_stage
+from kd3.runtime import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +68,10 @@ def execute(stage: ModuleType, cfg: PipelineConfig, run_dir: Path, mode: Mode,
 def _execute(stage: ModuleType, cfg: PipelineConfig, run_dir: Path, mode: Mode,
              argv: list[str] | None, dry_run: bool) -> dict[str, Any]:
     require_sections(cfg, stage)
-    inputs = stage.check(cfg, run_dir)
+    if dist.world_from_env().size > 1:  # one process never resolves the device here (download needs none)
+        dist.init(resolve_device(cfg.run.device).type)
+    # under torchrun rank 0 checks and opens the folder; the other ranks get its decisions (or its error)
+    inputs = dist.main_decides(lambda: stage.check(cfg, run_dir))
     folder = stage.output_name(cfg) if hasattr(stage, "output_name") else stage.NAME
     if dry_run:
         log.info(f"[{stage.NAME}] dry run: config and inputs valid; would write {run_dir / folder}")
@@ -72,7 +79,10 @@ def _execute(stage: ModuleType, cfg: PipelineConfig, run_dir: Path, mode: Mode,
     names = stage.sections(cfg) if hasattr(stage, "sections") else stage.SECTIONS
     config = {name: cfg.section(name) for name in names}
     config["run"] = cfg.section("run")
-    out = open_stage(run_dir, folder, config, cfg.fingerprint(*names), inputs, mode, argv)
+    out = dist.main_decides(lambda: open_stage(run_dir, folder, config, cfg.fingerprint(*names), inputs, mode, argv))
+    if not dist.is_main():
+        # a stage without DISTRIBUTED = True runs on rank 0 alone; the others have nothing to do
+        return _run(stage, cfg, out) if getattr(stage, "DISTRIBUTED", False) else {}
     command = shlex.join(argv) if argv else f"kd3 {stage.NAME}"
     with stage_log(out.path / layout.STAGE_LOG, f"---- {command} ({'resumed' if out.resumed else 'started'})"):
         return _run(stage, cfg, out)

@@ -4,6 +4,8 @@ Outputs in ``RUN/score/``: ``teacher_outputs.parquet`` (uid, url, shard, key, te
 teacher_conf, logits [K], feature [D]) and ``meta.json`` (with the teacher's class names and input
 spec). The teacher is frozen, so later stages reuse these outputs instead of re-running it.
 Resumable per shard: finished shards are kept in ``parts/`` until the final file is written.
+Under torchrun each rank scores its share of the shards into ``parts/`` and rank 0 assembles them
+(the same cache as one process: every shard is its own teacher pass either way).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from kd3 import layout
+from kd3 import dist, layout
 from kd3.config import PipelineConfig, require_file, resolve_path
 from kd3.data.images import normalize
 from kd3.data.pixel_cache import stack_padded
@@ -37,6 +39,8 @@ log = logging.getLogger(__name__)
 NAME = "score"
 SUMMARY = "teacher logits + pooled features for every downloaded sample, cached by uid"
 SECTIONS = ("score",)
+#: runs on every rank under torchrun (kd3.stages.base): shards split by rank, rank 0 assembles
+DISTRIBUTED = True
 
 
 def check(cfg: PipelineConfig, run_dir: Path) -> dict[str, str]:
@@ -188,6 +192,8 @@ def run(cfg: PipelineConfig, out: StageDir) -> dict[str, Any]:
     index = index[index["status"] == "success"].drop(columns="status")
     per_shard = index["shard"].value_counts()
     todo = [s for s in shards if not (parts / f"{s.stem}.parquet").exists()]  # the rest finished before an interruption
+    # under torchrun: rank 0's list (before any rank writes a part), each rank scoring its share
+    todo = dist.rank_split(dist.broadcast_object(todo))
     keep_pixels, keep_maps = cfg.score.pixel_cache, cfg.score.feature_map_cache
     with Progress(desc=f"[{NAME}] teacher", unit="samples", total=len(index),
                   initial=len(index) - int(sum(per_shard.get(s.stem, 0) for s in todo))) as progress:
@@ -204,6 +210,9 @@ def run(cfg: PipelineConfig, out: StageDir) -> dict[str, Any]:
                                             cfg.score.feature_map_cache_max_floats)
             with atomic_path(parts / f"{shard.stem}.parquet") as tmp:  # written last: a finished part implies its caches
                 pq.write_table(table, tmp)
+    dist.barrier()  # every rank's parts are written; rank 0 assembles them
+    if not dist.is_main():
+        return {}
     tables = [pq.read_table(parts / f"{s.stem}.parquet") for s in shards]
     tables = [t for t in tables if t.num_rows]
     if not tables:

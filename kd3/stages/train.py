@@ -15,7 +15,10 @@ Outputs in ``RUN/train/``: ``epoch_XXX.pt`` per epoch and ``last.pt`` (student w
 + trainer state: optimizer, scheduler, epoch, global step, RNG, training-only modules, averages,
 config), ``metrics.jsonl`` (one line per epoch) and ``selection/epoch_XXX.parquet`` (one row per
 pool sample with its selection). ``--resume`` continues after the last finished epoch with the
-same data order, selections and averages as an uninterrupted run.
+same data order, selections and averages as an uninterrupted run. SIGTERM or SIGUSR1 stops the run
+after the step in progress with exit status 75 (:mod:`kd3.training.preemption`); ``--resume``
+redoes the interrupted epoch. Under torchrun the ranks share each step's batch (gradients
+all-reduced) and rank 0 writes everything.
 """
 
 from __future__ import annotations
@@ -24,17 +27,20 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from kd3 import layout
+from kd3 import dist, layout
 from kd3.config import PipelineConfig
 from kd3.models import read_checkpoint
 from kd3.runs import StageDir, read_jsonl, require_complete, stage_input_fingerprint
 from kd3.runtime import configure
 from kd3.training.build import build_trainer, config_sections
 from kd3.training.objectives import check_objective
+from kd3.training.preemption import stop_on_signals
 
 log = logging.getLogger(__name__)
 
 NAME = "train"
+#: runs on every rank under torchrun (kd3.stages.base)
+DISTRIBUTED = True
 SUMMARY = "train the student (objective kd or kd3, rows chosen by a selector every epoch); checkpoint + metrics per epoch"
 
 
@@ -63,7 +69,9 @@ def check(cfg: PipelineConfig, run_dir: Path) -> dict[str, str]:
 def run(cfg: PipelineConfig, out: StageDir) -> dict[str, Any]:
     device = configure(cfg.run)
     t = cfg.train
-    trainer, held_out = build_trainer(cfg, out.run_dir, device, out.path, name=NAME)
+    # under torchrun every rank trains (the same selection, its share of each batch); rank 0 alone
+    # writes checkpoints, manifests and metrics
+    trainer, held_out = build_trainer(cfg, out.run_dir, device, out.path if dist.is_main() else None, name=NAME)
     last = out.path / layout.LAST_CHECKPOINT
     if out.resumed and last.exists():
         trainer.restore(read_checkpoint(last), str(last))
@@ -73,7 +81,10 @@ def run(cfg: PipelineConfig, out: StageDir) -> dict[str, Any]:
     held = f", {int(held_out.sum())} samples held out for SWAD" if held_out.any() else ""
     log.info(f"[{NAME}] {t.student.arch} student, {t.epochs} epochs, objective {t.objective}, selector {t.selector} "
              f"over a pool of {int((~held_out).sum())}{extras}{averaged}{held}")
-    trainer.fit()
+    with stop_on_signals() as trainer.stop:
+        trainer.fit()
+    if not dist.is_main():
+        return {}
     final = read_jsonl(out.path / layout.METRICS)[-1]
     counts = {"objective": t.objective, "selector": t.selector, "epochs": t.epochs, "final_loss": final["loss"],
               "final_selected": final.get("selected"), "steps": final.get("step")}

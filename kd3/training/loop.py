@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import logging
 import math
+import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 
+from kd3 import dist
 from kd3.data.images import normalize
 from kd3.data.score_cache import TeacherOutputs
 from kd3.data.shards import ShardImages, image_loader
@@ -27,6 +29,7 @@ from kd3.models.checkpoints import load_state_dict_strict
 from kd3.models.spec import InputSpec, ModelMeta
 from kd3.progress import Progress, format_duration
 from kd3.training.callbacks import Callback, StepInfo
+from kd3.training.preemption import Preempted, StopRequest
 from kd3.training.sources import EpochRows, SelectedPool
 from kd3.training.state import load_training_only_state, rng_state, set_rng_state, training_only_state
 
@@ -68,6 +71,10 @@ class Trainer:
     name: str = "train"
     start_epoch: int = 0
     global_step: int = 0
+    #: set by a SIGTERM / SIGUSR1 handler (:mod:`kd3.training.preemption`); checked after every step
+    stop: Optional[StopRequest] = None
+    _stop_seen: bool = False
+    _group_samples: int = 0
 
     # ------------------------------------------------------------------------------------ state
     def trainer_state(self) -> dict[str, Any]:
@@ -99,6 +106,9 @@ class Trainer:
     def fit(self) -> Optional[dict[str, Any]]:
         """Train the remaining epochs; returns the last epoch's metrics record (None if none ran)."""
         record = None
+        if self.batch_size % dist.size():
+            raise Kd3Error(f"train.batch_size={self.batch_size} does not split over {dist.size()} processes; "
+                           f"use a multiple of {dist.size()} (each step's batch is shared out among the ranks)")
         for cb in self.callbacks:
             cb.on_fit_start(self.start_epoch)
         started, first = time.monotonic(), self.start_epoch
@@ -111,26 +121,31 @@ class Trainer:
 
     def _epoch(self, epoch: int) -> dict[str, Any]:
         started = time.monotonic()
+        self._check_stop(epoch, "before its selection")
         data = self.source.epoch(epoch, self.epochs, self.student, self.meta.input)
         record = {"epoch": epoch, **self._selection_record(epoch, data)}
         self.objective.begin_epoch(epoch, torch.tensor(sorted(data.rows.values()), dtype=torch.long))
         self.student.train()
         self.objective.train()
-        generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+        # each rank its own augmentation stream (rank 0's is the one-process stream)
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch + 1_000_003 * dist.rank())
         data.weights = torch.full((len(self.scores.frame),), float("nan"))
         sums: dict[str, float] = {}
         extras: dict[str, float] = {}
         seen = 0
+        # the optimiser steps of the epoch, the same on every rank: under torchrun each step's batch
+        # of train.batch_size rows is split over the ranks
         n_batches = math.ceil(len(data.rows) / self.batch_size)
-        progress = Progress(self.loader(data.rows, epoch), f"[{self.name}] epoch {epoch + 1}/{self.epochs}",
-                            unit="batch", total=n_batches)
-        for i, batch in enumerate(progress):
+        for i, batch in enumerate(self._batches(data.rows, epoch, n_batches)):
             last_of_group = (i + 1) % self.accumulate == 0 or i + 1 == n_batches
             step, x, z_t = self.train_step(batch, generator, zero_grad=i % self.accumulate == 0, update=last_of_group)
             if last_of_group:
                 for cb in self.callbacks:
                     cb.after_step(StepInfo(epoch, self.global_step, epoch + min(i + 1, n_batches) / n_batches))
                 self.global_step += 1
+                self._check_stop(epoch, f"after step {i + 1} of {n_batches}")
+            if step is None:  # this rank had no rows left for this step (under torchrun)
+                continue
             n = len(x)
             seen += n
             for name, value in {"loss": step.loss.item(), **{f"loss_{k}": v for k, v in step.terms.items()}}.items():
@@ -140,6 +155,9 @@ class Trainer:
             if step.student_logits is not None:  # this step's own forward: the student before its update
                 agree = (step.student_logits.detach().argmax(1) == z_t.argmax(1)).sum().item()
                 extras["train_agreement"] = extras.get("train_agreement", 0.0) + agree
+        if dist.is_distributed():
+            sums, extras, seen = _merge_epoch_sums(sums, extras, seen)
+            data.weights = dist.merge_rows(data.weights)
         lr = self.optimizer.param_groups[0]["lr"]
         self.scheduler.step()
         record.update({name: total / max(seen, 1) for name, total in sums.items()})
@@ -148,6 +166,8 @@ class Trainer:
             record["mean_weight"] = float(data.weights[trained].mean())
         record.update({name: total / max(seen, 1) for name, total in extras.items()})
         record.update(lr=lr, samples=seen, step=self.global_step, seconds=round(time.monotonic() - started, 2))
+        if dist.is_distributed():
+            _check_ranks_agree(self.objective, epoch)
         self.start_epoch = epoch + 1  # the trainer state now describes the end of this epoch
         for cb in self.callbacks:
             cb.on_epoch_end(epoch, record, data, self.trainer_state)
@@ -161,16 +181,51 @@ class Trainer:
         return (f"[{self.name}] epoch {record['epoch'] + 1}/{self.epochs}: loss {record['loss']:.4f} ({parts}){extra} "
                 f"({record['seconds']:.1f}s)")
 
-    def loader(self, rows: dict[str, int], epoch: int) -> torch.utils.data.DataLoader:
+    def loader(self, rows: dict[str, int], epoch: int, batch_size: Optional[int] = None) -> torch.utils.data.DataLoader:
         """The epoch's batches: the given rows decoded from the shards in a seeded shuffled order."""
         dataset = ShardImages(self.shards, self.meta.input, uid_to_row=rows, shuffle=True, seed=self.seed,
                               epoch=epoch, teacher_spec=self.teacher_view, pixels=self.scores.pixels)
-        return image_loader(dataset, self.batch_size, self.num_workers)
+        return image_loader(dataset, batch_size or self.batch_size, self.num_workers)
 
-    def train_step(self, batch: dict[str, Any], generator: torch.Generator, zero_grad: bool = True,
-                   update: bool = True) -> tuple[StepOutput, torch.Tensor, torch.Tensor]:
+    def _batches(self, rows: dict[str, int], epoch: int, n_batches: int) -> Iterator[Optional[dict[str, Any]]]:
+        """The epoch's batches on this rank. One process: the loader's batches as they come. Under
+        torchrun: this rank's share of the rows (:func:`rank_rows`) in batches of
+        batch_size / world size, exactly ``n_batches`` items on every rank (None once this rank's
+        rows are used up), so every rank enters every step's all-reduce."""
+        desc = f"[{self.name}] epoch {epoch + 1}/{self.epochs}"
+        if not dist.is_distributed():
+            yield from Progress(self.loader(rows, epoch), desc, unit="batch", total=n_batches)
+            return
+        mine = rank_rows(rows, self.seed, epoch, dist.rank(), dist.size())
+        batches = iter(Progress(self.loader(mine, epoch, self.batch_size // dist.size()), desc, unit="batch",
+                                total=n_batches))
+        for _ in range(n_batches):
+            yield next(batches, None)
+        if next(batches, None) is not None:
+            raise Kd3Error(f"rank {dist.rank()}: more batches than the {n_batches} steps of epoch {epoch + 1}")
+
+    def _check_stop(self, epoch: int, where: str) -> None:
+        """Raise :class:`Preempted` once a stop signal came (on any rank: the flag was all-reduced)."""
+        if self._stop_seen or (self.stop is not None and self.stop.requested and not dist.is_distributed()):
+            done = f"from last.pt (after epoch {self.start_epoch})" if self.start_epoch else "from the start"
+            raise Preempted(f"stopped by a signal during epoch {epoch + 1} ({where}); `kd3 train --resume` "
+                            f"redoes epoch {epoch + 1} {done}")
+
+    def train_step(self, batch: Optional[dict[str, Any]], generator: torch.Generator, zero_grad: bool = True,
+                   update: bool = True) -> tuple[Optional[StepOutput], Optional[torch.Tensor], Optional[torch.Tensor]]:
         """One batch: forward through the objective, backward, and (``update``) the optimiser step.
-        Returns the step's output, the normalised student input and the cached teacher logits."""
+        Returns the step's output, the normalised student input and the cached teacher logits.
+        Under torchrun the gradients are all-reduced before the update; a rank without a batch
+        (``batch`` None) only takes part in that (and returns Nones)."""
+        if zero_grad:
+            self._group_samples = 0
+        if batch is None:
+            if zero_grad:
+                self.optimizer.zero_grad(set_to_none=True)
+            if update:
+                self._synchronise()
+                self.optimizer.step()
+            return None, None, None
         x = normalize(batch["image"].to(self.device), self.meta.input)
         x_t = normalize(batch["teacher_image"].to(self.device), self.teacher_view) if self.teacher_view else x
         z_t = self.scores.logits[batch["row"]].to(self.device)
@@ -182,9 +237,21 @@ class Trainer:
         if zero_grad:
             self.optimizer.zero_grad(set_to_none=True)
         (step.loss / self.accumulate if self.accumulate > 1 else step.loss).backward()
+        self._group_samples += len(x)
         if update:
+            self._synchronise()
             self.optimizer.step()
         return step, x, z_t
+
+    def _synchronise(self) -> None:
+        """Under torchrun: make every rank's gradients the sample-weighted mean of all ranks' (the
+        global batch's mean gradient), average the objective's buffers (BatchNorm statistics) over
+        the ranks that had samples, and share the stop flag; one process: nothing."""
+        if not dist.is_distributed():
+            return
+        stop = self.stop is not None and self.stop.requested
+        self._stop_seen = all_reduce_step(list(self.objective.parameters()), list(self.objective.buffers()),
+                                          self._group_samples, stop)
 
     def _selection_record(self, epoch: int, data: EpochRows) -> dict[str, Any]:
         """Per-epoch selection diagnostics (logged, and warned about when they signal trouble);
@@ -211,3 +278,76 @@ class Trainer:
                 "class_thresholds": [round(float(v), 6) for v in s.thresholds],
                 "fallback_used": bool(s.fallback_used),
                 "dominant_class": None if s.dominant_class is None else names[s.dominant_class]}
+
+
+def rank_rows(rows: dict[str, int], seed: int, epoch: int, rank: int, world: int) -> dict[str, int]:
+    """This rank's share of an epoch's rows: the rows in score-cache order, shuffled from (seed,
+    epoch) and dealt out one per rank in turn, so shares differ by at most one row, no row is on two
+    ranks, and a row changes rank between epochs (BatchNorm batches mix the whole selection)."""
+    order = sorted(rows.items(), key=lambda item: item[1])
+    random.Random(f"{seed}-{epoch}-ranks").shuffle(order)
+    return dict(order[rank::world])
+
+
+def all_reduce_step(params: list[torch.nn.Parameter], buffers: list[torch.Tensor], samples: int,
+                    stop: bool) -> bool:
+    """One step's synchronisation of a rank that trained on ``samples`` rows (0: none this step).
+
+    Gradients become Σ_r n_r·g_r / Σ_r n_r (g_r: rank r's mean gradient over its n_r rows), which is
+    the gradient of the mean loss over the global batch; a parameter no rank has a gradient for keeps
+    none (the optimiser then skips it, as in one process). Floating buffers become their mean over the
+    ranks with samples (the others did not update them); integer buffers (BatchNorm's step count) are
+    equal on those ranks and copied. Returns whether any rank asked to stop. Two all-reduces: the
+    gradients (float32) and the buffers (float64, so integer counts stay exact)."""
+    trainable = [p for p in params if p.requires_grad]
+    grads = [(p.grad.detach().float() * samples if p.grad is not None else torch.zeros(p.shape, device=p.device))
+             .reshape(-1) for p in trainable]
+    device = trainable[0].device if trainable else torch.device("cpu")
+    flags = torch.tensor([float(p.grad is not None) for p in trainable] + [float(samples), float(stop)], device=device)
+    reduced = dist.all_reduce(torch.cat(grads + [flags]))
+    total, stopped = reduced[-2].item(), reduced[-1].item() > 0
+    has_grad = reduced[-2 - len(trainable):-2]
+    offset = 0
+    for p, has in zip(trainable, has_grad.tolist()):
+        chunk = reduced[offset:offset + p.numel()].view(p.shape)
+        offset += p.numel()
+        p.grad = (chunk / total).to(p.dtype) if has > 0 and total > 0 else None
+    if buffers:
+        weight = 1.0 if samples > 0 else 0.0
+        packed = torch.cat([b.detach().double().reshape(-1) * weight for b in buffers]
+                           + [torch.tensor([weight], dtype=torch.float64, device=buffers[0].device)])
+        packed = dist.all_reduce(packed)
+        ranks_with_samples = packed[-1].item()
+        if ranks_with_samples > 0:
+            offset = 0
+            for b in buffers:
+                value = packed[offset:offset + b.numel()].view(b.shape) / ranks_with_samples
+                offset += b.numel()
+                b.copy_(value.round() if not b.is_floating_point() else value)
+    return stopped
+
+
+def _merge_epoch_sums(sums: dict[str, float], extras: dict[str, float], seen: int
+                      ) -> tuple[dict[str, float], dict[str, float], int]:
+    """Every rank's per-epoch metric sums added up (a rank that trained nothing has no keys)."""
+    total_sums: dict[str, float] = {}
+    total_extras: dict[str, float] = {}
+    total_seen = 0
+    for rank_sums, rank_extras, rank_seen in dist.all_gather_object((sums, extras, seen)):
+        for name, value in rank_sums.items():
+            total_sums[name] = total_sums.get(name, 0.0) + value
+        for name, value in rank_extras.items():
+            total_extras[name] = total_extras.get(name, 0.0) + value
+        total_seen += rank_seen
+    return total_sums, total_extras, total_seen
+
+
+def _check_ranks_agree(objective: torch.nn.Module, epoch: int) -> None:
+    """Every rank must hold the same weights and buffers after an epoch (the next selection, the
+    averages and rank 0's checkpoint rely on it): one checksum per rank, compared exactly."""
+    with torch.no_grad():
+        checksum = [float(t.double().sum()) for t in [*objective.parameters(), *objective.buffers()]]
+    sums = dist.all_gather_object(checksum)
+    if any(other != sums[0] for other in sums[1:]):
+        raise Kd3Error(f"epoch {epoch + 1}: the ranks' students differ after the epoch's all-reduced steps; "
+                       "this is a kd3 bug (please report it with the stage log)")

@@ -2,7 +2,8 @@
 
 A static selector (one that ignores the student) gives the same rows every epoch; a dynamic one
 (KD³'s rule) sees the current student's logits on the un-augmented pool, computed here with one
-student pass per epoch. The teacher is never run: its logits come from the score cache.
+student pass per epoch (under torchrun each rank passes over its share of the shards and the logits
+are gathered, so every rank runs the selector on the same full-pool logits and selects the same rows). The teacher is never run: its logits come from the score cache.
 """
 
 from __future__ import annotations
@@ -70,7 +71,8 @@ class SelectedPool:
         if self.needs_student:
             student_logits = pool_logits(student, student_input, self.scores.teacher.num_classes, self.shards,
                                          self.uid_to_row, self.batch_size, self.num_workers, self.device,
-                                         self.scores.pixels, f"[train] epoch {epoch + 1}/{total_epochs}: student over the pool")
+                                         self.scores.pixels, f"[train] epoch {epoch + 1}/{total_epochs}: student over the pool",
+                                         split_by_rank=True)
         inputs = SelectionInputs(teacher_logits=self.scores.logits, student_logits=student_logits, epoch=epoch,
                                  total_epochs=total_epochs, seed=self.seed, bn_score=self.scores.bn_score,
                                  bn_per_layer=self.scores.bn_per_layer)
