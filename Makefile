@@ -17,7 +17,7 @@ export PYTHONUNBUFFERED := 1
 KD3 := $(VENV)/bin/kd3
 STAMP := $(VENV)/.kd3-installed
 
-.PHONY: help install demo test bench bench-quality demo-data download score select train train-kd average evaluate inspect validate
+.PHONY: help install demo test bench bench-quality demo-data download score select train train-kd average evaluate inspect validate prepare-teacher
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -70,6 +70,9 @@ score: $(STAMP) ## teacher outputs per sample, cached by uid
 
 select: $(STAMP) ## selection manifest
 	$(KD3) select --config $(CONFIG) --run-dir $(RUN) $(ARGS)
+
+prepare-teacher: $(STAMP) ## generic teacher (GTN) for a pool of students → RUN/prepare-teacher/teacher.pt (needs demo-data)
+	$(KD3) prepare-teacher --config $(CONFIG) --run-dir $(RUN) $(ARGS)
 
 train: $(STAMP) ## train the student (checkpoint + metrics per epoch)
 	$(KD3) train --config $(CONFIG) --run-dir $(RUN) $(ARGS)

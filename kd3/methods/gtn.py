@@ -18,9 +18,10 @@ distribution depends on the whole configuration, not the width alone, and post-h
 from __future__ import annotations
 
 import itertools
+import math
 import random
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -55,7 +56,7 @@ class StudentPool:
     widths: tuple[float, ...]
     depths: tuple[int, ...]
     small_cnn_widths: tuple[int, ...] = (16, 32, 64)
-    resnet_widths: tuple[int, int, int, int] = (16, 32, 64, 128)
+    resnet_widths: tuple[int, int, int, int] = (8, 16, 32, 64)
 
     def __post_init__(self) -> None:
         unknown = [f for f in self.families if f not in FAMILIES]
@@ -317,3 +318,84 @@ def gtn_loss(teacher_logits: torch.Tensor, student_logits: Sequence[torch.Tensor
     super_ce = torch.stack([F.cross_entropy(z, labels) for z in student_logits]).sum()
     total = teacher_ce + compat_weight * compat + super_kd + student_ce_weight * super_ce
     return GTNLoss(total, teacher_ce, compat, super_kd, super_ce)
+
+
+# ------------------------------------------------------------------------------------------ training
+@dataclass(frozen=True)
+class GTNSettings:
+    epochs: int
+    batch_size: int
+    teacher_lr: float
+    supernet_lr: float
+    momentum: float
+    weight_decay: float
+    temperature: float
+    compat_weight: float
+    student_ce_weight: float
+    random_subnets: int
+    seed: int
+    warmup_epochs: int = 0
+
+
+def prepare_generic_teacher(teacher: nn.Module, supernet: StudentSupernet, images: torch.Tensor,
+                            labels: torch.Tensor, settings: GTNSettings,
+                            transform: Callable[[torch.Tensor, torch.Generator], torch.Tensor],
+                            on_epoch: Callable[[dict], None] = lambda record: None,
+                            batches: Callable[[Iterable], Iterable] = lambda it: it) -> list[dict]:
+    """Optimise the teacher (task loss + compatibility) and the supernet (KD from the teacher) jointly.
+
+    ``images``: float [N, C, H, W] on the training device in [0, 1]; ``transform(batch, generator)``
+    augments and normalises a batch. One SGD optimiser with a parameter group each (teacher_lr,
+    supernet_lr), cosine per epoch; during the first ``warmup_epochs`` the teacher is frozen (eval mode,
+    lr 0, no compatibility term) so it is never pulled toward untrained sub-students. Per step: a fresh sandwich of sub-networks, one backward of
+    :func:`gtn_loss`. Returns one record per epoch (mean loss terms, teacher train accuracy).
+    """
+    s = settings
+    groups = [{"params": [p for p in supernet.parameters()], "lr": s.supernet_lr}]
+    if s.teacher_lr > 0:
+        groups.insert(0, {"params": [p for p in teacher.parameters() if p.requires_grad], "lr": s.teacher_lr})
+    else:
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+    optimizer = torch.optim.SGD(groups, lr=s.supernet_lr, momentum=s.momentum, weight_decay=s.weight_decay)
+    cosine = lambda e: 0.5 * (1 + math.cos(math.pi * e / s.epochs))  # noqa: E731
+    frozen_first = lambda e: cosine(e) if e >= s.warmup_epochs else 0.0  # noqa: E731
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, [frozen_first, cosine][-len(groups):])
+    gen = torch.Generator().manual_seed(s.seed)
+    rng = random.Random(s.seed)
+    records = []
+    n = len(labels)
+    for epoch in range(s.epochs):
+        # warm-up: the supernet learns from the frozen teacher first (the teacher's group has lr 0)
+        teaching = s.teacher_lr > 0 and epoch >= s.warmup_epochs
+        teacher.train(teaching)
+        supernet.train()
+        sums = {"loss": 0.0, "teacher_ce": 0.0, "compat": 0.0, "super_kd": 0.0, "super_ce": 0.0}
+        correct, seen = 0, 0
+        order = torch.randperm(n, generator=gen)
+        # drop a last batch of one: batch-statistics BN needs two samples
+        starts = [b for b in range(0, n, s.batch_size) if n - b > 1]
+        for start in batches(starts):
+            idx = order[start:start + s.batch_size]
+            x = transform(images[idx.to(images.device)], gen)
+            y = labels[idx.to(labels.device)]
+            with torch.set_grad_enabled(teaching):
+                z_t = teacher(x)
+            subnets = supernet.pool.sandwich(s.random_subnets, rng)
+            out = gtn_loss(z_t, [supernet(x, cfg) for cfg in subnets], y, s.temperature,
+                           s.compat_weight if teaching else 0.0, s.student_ce_weight)
+            optimizer.zero_grad(set_to_none=True)
+            out.total.backward()
+            optimizer.step()
+            for key in sums:
+                sums[key] += float(getattr(out, "total" if key == "loss" else key).detach()) * len(idx)
+            correct += int((z_t.argmax(1) == y).sum())
+            seen += len(idx)
+        scheduler.step()
+        record = {"epoch": epoch, **{k: v / max(seen, 1) for k, v in sums.items()},
+                  "teacher_train_acc": correct / max(seen, 1)}
+        records.append(record)
+        on_epoch(record)
+    teacher.eval()
+    supernet.eval()
+    return records
