@@ -42,3 +42,32 @@ def test_spec_errors_name_the_key(tmp_path):
                    "reference_method: a\ndefault_method: a\n")
     with pytest.raises(ConfigError, match="random_size_from"):
         load_spec(bad)
+
+
+GTN_SPEC = REPO / "benchmarks" / "generic_teacher.yaml"
+
+
+def test_generic_teacher_spec_pairs_each_student_with_both_teachers():
+    spec = load_spec(GTN_SPEC)
+    assert spec.section == "generic-teacher" and spec.section != load_spec(SPEC).section
+    plain = {m: spec.methods[m] for m in spec.methods if m.startswith("plain-")}
+    assert len(plain) == 3
+    for name, method in plain.items():
+        generic = spec.methods[name.replace("plain-", "generic-")]
+        assert generic.overrides == method.overrides  # the same student and KD³ settings, only the teacher differs
+        assert method.stages == [] and generic.stages == ["prepare-teacher"]
+        assert "score.teacher={run}/prepare-teacher/teacher.pt" in generic.scenario_overrides
+        # the KD³ settings of the default method of the quality benchmark
+        quality = load_spec(SPEC)
+        assert method.overrides[:5] == quality.methods[quality.default_method].overrides
+        for scenario in spec.scenarios.values():
+            cfg = load_config(REPO / scenario.config, [*spec.recipe, *method.overrides, *generic.scenario_overrides])
+            assert cfg.score.teacher.endswith("prepare-teacher/teacher.pt")
+
+
+def test_method_stages_must_be_stages_that_can_run_before_score(tmp_path):
+    path = tmp_path / "spec.yaml"
+    path.write_text("scenarios: {demo: {config: pipelines/demo.yaml}}\n"
+                    "methods: {default: {stages: [score]}, kd-all: {}}\n")
+    with pytest.raises(ConfigError, match="methods.default: stages: 'score' is not a stage"):
+        load_spec(path)
