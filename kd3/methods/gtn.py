@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kd3.models.cifar import BasicBlock
+
 FAMILIES = ("small_cnn", "cifar_resnet")
 
 
@@ -186,19 +188,8 @@ class SmallCNNSupernet(FamilySupernet):
         return mapping
 
 
-class _SlimBlock(nn.Module):
-    """:class:`kd3.models.cifar.BasicBlock` at its largest width, run at any width (same module names)."""
-
-    def __init__(self, in_planes: int, planes: int, stride: int):
-        super().__init__()
-        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(planes)
-        self.conv2 = nn.Conv2d(planes, planes, 3, stride=1, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.shortcut = nn.Sequential()
-        if stride != 1 or in_planes != planes:
-            self.shortcut = nn.Sequential(nn.Conv2d(in_planes, planes, 1, stride=stride, bias=False),
-                                          nn.BatchNorm2d(planes))
+class _SlimBlock(BasicBlock):
+    """:class:`kd3.models.cifar.BasicBlock` at its largest width (same modules and names), run at any width."""
 
     def forward(self, x: torch.Tensor, planes: int) -> torch.Tensor:
         out = F.relu(_bn(self.bn1, _conv(self.conv1, x, planes)))
