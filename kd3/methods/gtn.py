@@ -384,7 +384,7 @@ def prepare_generic_teacher(teacher: nn.Module, supernet: StudentSupernet, image
             seen += len(idx)
         scheduler.step()
         record = {"epoch": epoch, **{k: v / max(seen, 1) for k, v in sums.items()},
-                  "teacher_train_acc": correct / max(seen, 1)}
+                  "teacher_train_acc": correct / max(seen, 1), "teacher_updated": teaching}
         records.append(record)
         on_epoch(record)
     teacher.eval()
