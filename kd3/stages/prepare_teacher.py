@@ -24,6 +24,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
+from kd3 import layout
 from kd3.config import PipelineConfig, require_file, resolve_path
 from kd3.data.demo import random_affine
 from kd3.data.images import as_nchw_uint8, prepare_uint8
@@ -36,12 +37,10 @@ from kd3.runs import StageDir, append_jsonl, file_fingerprint
 
 log = logging.getLogger(__name__)
 
-NAME = "prepare-teacher"
+NAME = layout.PREPARE_TEACHER
 SUMMARY = "generic teacher (GTN): fine-tune the teacher once so it distils well into every student of a pool"
 SECTIONS = ("prepare_teacher",)
-TEACHER = "teacher.pt"
-STUDENTS = "students"
-METRICS = "metrics.jsonl"
+TEACHER, STUDENTS, METRICS = layout.GENERIC_TEACHER, layout.POOL_STUDENTS, layout.METRICS
 
 
 def _paths(cfg: PipelineConfig, run_dir: Path) -> dict[str, Optional[Path]]:
