@@ -71,3 +71,22 @@ def test_method_stages_must_be_stages_that_can_run_before_score(tmp_path):
                     "methods: {default: {stages: [score]}, kd-all: {}}\n")
     with pytest.raises(ConfigError, match="methods.default: stages: 'score' is not a stage"):
         load_spec(path)
+
+
+def test_teachers_table_and_own_section(tmp_path):
+    from kd3.bench import report
+
+    rows = {"plain": {"seconds": [10.0, 14.0]}, "generic": {"seconds": [20.0]}}
+    teachers = {"demo": {"methods": ["plain"], "private_top1": 0.99, "shifted_top1": 0.7, "stage_seconds": {}},
+                "variant-1": {"methods": ["generic"], "private_top1": 0.98, "shifted_top1": 0.75,
+                              "stage_seconds": {"prepare-teacher": 30.0}}}
+    lines = report.teachers_table(teachers, rows).splitlines()
+    assert lines[2] == "| demo | plain | 0.990 | 0.700 | — | 12.0 | — |"
+    assert lines[3] == "| variant-1 | generic | 0.980 | 0.750 | prepare-teacher 30 | 20.0 | 1.50 |"
+    out = tmp_path / "B.md"
+    report.write_section(out, "quality body")
+    report.write_section(out, "gtn body", "generic-teacher")
+    report.write_section(out, "new gtn body", "generic-teacher")
+    text = out.read_text()
+    assert "quality body" in text and "new gtn body" in text and "\ngtn body" not in text
+    assert text.index(report.markers("quality")[1]) < text.index(report.markers("generic-teacher")[0])
