@@ -28,7 +28,7 @@ export PYTHONUNBUFFERED := 1
 KD3 := $(VENV)/bin/kd3
 STAMP := $(VENV)/.kd3-installed
 
-.PHONY: help install demo test bench bench-quality demo-data download score select train train-kd average evaluate inspect validate
+.PHONY: help install demo test bench bench-quality demo-data download score select train train-kd average evaluate inspect validate prepare-teacher bench-gtn
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -67,6 +67,9 @@ bench: $(STAMP) ## performance ratios of every stage vs its physical limit → B
 bench-quality: $(STAMP) ## quality benchmark (methods × seeds × scenarios) → BENCHMARKS.md; BENCH_ARGS=--quick etc.
 	$(KD3) bench --config benchmarks/quality.yaml $(BENCH_ARGS)
 
+bench-gtn: $(STAMP) ## generic teacher vs plain teacher, KD³ into 3 pool students → BENCHMARKS.md (own section)
+	$(KD3) bench --config benchmarks/generic_teacher.yaml $(BENCH_ARGS)
+
 validate: $(STAMP) ## validate CONFIG without running anything
 	$(KD3) validate --config $(CONFIG)
 
@@ -81,6 +84,9 @@ score: $(STAMP) ## teacher outputs per sample, cached by uid
 
 select: $(STAMP) ## selection manifest
 	$(KD3) select --config $(CONFIG) --run-dir $(RUN) $(ARGS)
+
+prepare-teacher: $(STAMP) ## generic teacher (GTN) for a pool of students → RUN/prepare-teacher/teacher.pt (needs demo-data)
+	$(KD3) prepare-teacher --config $(CONFIG) --run-dir $(RUN) $(ARGS)
 
 train: $(STAMP) ## train the student (checkpoint + metrics per epoch)
 	$(LAUNCH) train --config $(CONFIG) --run-dir $(RUN) $(ARGS)

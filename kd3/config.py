@@ -461,6 +461,61 @@ class InspectSection(Section):
     warn_keep_share: float = Field(default=0.95, gt=0.0, le=1.0)
 
 
+class PrepareTeacherSection(Section):
+    """`kd3 prepare-teacher`: a generic teacher for a pool of students (METHODS.md §5, docs/methods.md)."""
+
+    #: the trained teacher to start from (a kd3 checkpoint)
+    teacher: str = "{run}/demo-data/teacher.pt"
+    #: the teacher owner's labelled data (.npz with uint8 "images" and "labels")
+    data: str = "{run}/demo-data/private_train.npz"
+    #: labelled data for the before/after accuracies in meta.json (.npz); None: not measured
+    eval_data: Optional[str] = "{run}/demo-data/private_test.npz"
+    #: the student pool: families × width multipliers × depths (convs or blocks per stage)
+    families: list[Literal["small_cnn", "cifar_resnet"]] = Field(
+        default_factory=lambda: ["small_cnn", "cifar_resnet"], min_length=1)
+    width_multipliers: list[float] = Field(default_factory=lambda: [0.25, 0.5, 0.75, 1.0], min_length=1)
+    depths: list[int] = Field(default_factory=lambda: [1, 2], min_length=1)
+    #: stage widths of the largest small_cnn (multiplier 1.0); 3 stages
+    small_cnn_widths: list[int] = Field(default_factory=lambda: [16, 32, 64], min_length=1)
+    #: stage widths of the largest cifar_resnet (multiplier 1.0); 4 stages
+    resnet_widths: list[int] = Field(default_factory=lambda: [8, 16, 32, 64], min_length=4, max_length=4)
+    #: sandwich rule: largest + smallest of every family, plus this many random pool members per step
+    random_subnets: int = Field(default=2, ge=0)
+    epochs: int = Field(default=8, ge=1)
+    #: first epochs in which only the supernet learns (teacher frozen, no compatibility term): a
+    #: compatibility pull toward untrained sub-students would only damage the teacher
+    warmup_epochs: int = Field(default=2, ge=0)
+    batch_size: int = Field(default=64, ge=2)
+    teacher_lr: float = Field(default=0.005, ge=0)
+    supernet_lr: float = Field(default=0.05, gt=0)
+    momentum: float = Field(default=0.9, ge=0, lt=1)
+    weight_decay: float = Field(default=5e-4, ge=0)
+    #: τ of both KL terms
+    temperature: float = Field(default=4.0, gt=0)
+    #: λ_compat: weight of the teacher's KD-compatibility term toward the sampled sub-students
+    compat_weight: float = Field(default=1.0, ge=0)
+    #: λ_ce: weight of the sub-students' own cross-entropy beside their KD term
+    student_ce_weight: float = Field(default=0.0, ge=0)
+    #: the demo teacher's random affine augmentation on the owner's data
+    augment: bool = True
+    #: also write every pool member, extracted from the supernet, to students/<name>.pt
+    export_students: bool = True
+
+    @field_validator("width_multipliers")
+    @classmethod
+    def _multipliers(cls, value: list[float]) -> list[float]:
+        if any(not 0 < w <= 1 for w in value) or len(set(value)) != len(value):
+            raise ValueError(f"width multipliers must be distinct values in (0, 1], got {value}")
+        return value
+
+    @field_validator("depths", "small_cnn_widths", "resnet_widths")
+    @classmethod
+    def _positive(cls, value: list[int]) -> list[int]:
+        if any(v < 1 for v in value):
+            raise ValueError(f"values must be >= 1, got {value}")
+        return value
+
+
 class PipelineConfig(Section):
     run: RunSection = Field(default_factory=RunSection)
     demo_data: DemoDataSection = Field(default_factory=DemoDataSection)
@@ -476,6 +531,7 @@ class PipelineConfig(Section):
     averaging: AveragingSection = Field(default_factory=AveragingSection)
     average: AverageSection = Field(default_factory=AverageSection)
     evaluate: Optional[EvaluateSection] = None
+    prepare_teacher: PrepareTeacherSection = Field(default_factory=PrepareTeacherSection)
     inspect: InspectSection = Field(default_factory=InspectSection)
 
     #: where the config came from (for error messages); not part of the YAML

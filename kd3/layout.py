@@ -12,6 +12,7 @@ RUN/train*/    epoch_XXX.pt, last.pt, metrics.jsonl, selection/epoch_XXX.parquet
 RUN/average*/  <mode>.pt
 RUN/evaluate/  report.json, report.md, reliability_<dataset>.png
 RUN/inspect/   index.html, summary.*, plots/, sheets/
+RUN/prepare-teacher/  teacher.pt (generic teacher), metrics.jsonl, students/<pool member>.pt
 ```
 Every stage folder also holds ``meta.json`` and ``stage.log``.
 """
@@ -29,6 +30,8 @@ TRAIN = "train"
 AVERAGE = "average"
 EVALUATE = "evaluate"
 INSPECT = "inspect"
+#: optional, the teacher owner's side: RUN/prepare-teacher/ teacher.pt, metrics.jsonl, students/<name>.pt
+PREPARE_TEACHER = "prepare-teacher"
 
 # artifacts
 URL_LIST = "url_list.parquet"
@@ -45,6 +48,9 @@ SELECTION_DIR = "selection"
 VALIDATION = "validation.parquet"
 METRICS = "metrics.jsonl"
 LAST_CHECKPOINT = "last.pt"
+#: prepare-teacher's outputs: the generic teacher checkpoint and the folder of extracted pool students
+GENERIC_TEACHER = "teacher.pt"
+POOL_STUDENTS = "students"
 #: every stage folder: the stage's log, appended to on --resume (kd3.logs)
 STAGE_LOG = "stage.log"
 

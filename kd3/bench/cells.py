@@ -55,6 +55,8 @@ class ScenarioRun:
     datasets: dict[str, tuple[list[Any], torch.Tensor]] = field(default_factory=dict)
     teacher_logits: dict[str, torch.Tensor] = field(default_factory=dict)
     ground_truth: Optional[GroundTruth] = None
+    #: seconds of the stages a method's own run folder runs before score (e.g. prepare-teacher)
+    stage_seconds: dict[str, float] = field(default_factory=dict)
 
     def config(self, extra: list[str] = ()) -> PipelineConfig:
         return load_config(self.scenario.config, [*self.overrides, *extra])
@@ -75,16 +77,7 @@ def scenario_run(spec: BenchSpec, name: str, runs_dir: Path, quick: bool, device
         started = time.monotonic()
         execute(STAGES[stage], cfg, run_dir, "resume", argv=["kd3 bench", stage])
         log(f"[bench] {name}: {stage} ready ({time.monotonic() - started:.0f}s)")
-    teacher, teacher_meta, _ = load_model(resolve_path(cfg.evaluate.teacher, run_dir), device)
-    for d in cfg.evaluate.datasets:
-        data = eval_sets.open_eval_set(d.name, resolve_path(d.path, run_dir), teacher_meta.class_names, d.format,
-                                       d.label_key)
-        batches, labels = [], []
-        for images, y in data.batches(cfg.evaluate.batch_size):
-            batches.append(images)
-            labels.append(y)
-        sr.datasets[d.name] = (batches, torch.cat(labels))
-        sr.teacher_logits[d.name] = logits_on(teacher, teacher_meta, batches, device)
+    teacher_meta = _teacher_logits(sr, cfg, resolve_path(cfg.evaluate.teacher, run_dir))
     for key in ("private_dataset", "shifted_dataset"):
         if getattr(scenario, key) not in sr.datasets:
             raise Kd3Error(f"scenario {name}: {key} {getattr(scenario, key)!r} is not among the pipeline's "
@@ -95,6 +88,61 @@ def scenario_run(spec: BenchSpec, name: str, runs_dir: Path, quick: bool, device
     if sr.ground_truth is None or sr.ground_truth.true_label is None:
         raise Kd3Error(f"scenario {name}: {note}")
     return sr
+
+
+def _teacher_logits(sr: ScenarioRun, cfg: PipelineConfig, teacher_path: Path) -> ModelMeta:
+    """Decode the evaluation sets (once per scenario) and the teacher's logits on them."""
+    teacher, teacher_meta, _ = load_model(teacher_path, sr.device)
+    for d in cfg.evaluate.datasets:
+        if d.name in sr.datasets:
+            sr.teacher_logits[d.name] = logits_on(teacher, teacher_meta, sr.datasets[d.name][0], sr.device)
+            continue
+        data = eval_sets.open_eval_set(d.name, resolve_path(d.path, sr.run_dir), teacher_meta.class_names, d.format,
+                                       d.label_key)
+        batches, labels = [], []
+        for images, y in data.batches(cfg.evaluate.batch_size):
+            batches.append(images)
+            labels.append(y)
+        sr.datasets[d.name] = (batches, torch.cat(labels))
+        sr.teacher_logits[d.name] = logits_on(teacher, teacher_meta, batches, sr.device)
+    return teacher_meta
+
+
+def variant_run(base: ScenarioRun, method: Method, log: Callable[[str], None]) -> ScenarioRun:
+    """The run folder of a method with its own upstream settings (``scenario_overrides``, ``stages``):
+    ``RUN/variant-<hash>/`` with the scenario's demo-data and download linked in, then its own stages
+    and score; the teacher measured is the one score distils from. Without either, the scenario's."""
+    if not method.scenario_overrides and not method.stages:
+        return base
+    key = hashlib.sha256(json.dumps([method.scenario_overrides, method.stages]).encode()).hexdigest()[:8]
+    run_dir = base.run_dir / f"variant-{key}"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    for stage in UPSTREAM[:2]:  # shared, never rewritten by a variant
+        link = run_dir / stage
+        if not link.is_symlink():
+            if link.exists():
+                raise Kd3Error(f"{link} exists and is not a link to the scenario's {stage} stage; remove it")
+            link.symlink_to((base.run_dir / stage).resolve(), target_is_directory=True)
+    sr = ScenarioRun(base.name, base.scenario, run_dir, [*base.overrides, *method.scenario_overrides], base.device,
+                     datasets=base.datasets, ground_truth=base.ground_truth)
+    cfg = sr.config()
+    for stage in [*method.stages, UPSTREAM[2]]:
+        started = time.monotonic()
+        _execute(stage, cfg, run_dir, ["kd3 bench", stage, *method.scenario_overrides], log)
+        if stage != UPSTREAM[2]:
+            sr.stage_seconds[stage] = float(read_meta(run_dir / STAGES[stage].NAME)["counts"]["seconds"])
+        log(f"[bench] {base.name} ({run_dir.name}): {stage} ready ({time.monotonic() - started:.0f}s)")
+    _teacher_logits(sr, cfg, resolve_path(cfg.score.teacher, run_dir))
+    return sr
+
+
+def teacher_summary(sr: ScenarioRun, methods: list[str]) -> dict[str, Any]:
+    """The teacher of a run folder: its own private and shifted top-1, the stages that prepared it."""
+    def top1(dataset: str) -> float:
+        return topk_accuracy(sr.teacher_logits[dataset], sr.datasets[dataset][1], 1)
+
+    return {"methods": methods, "private_top1": top1(sr.scenario.private_dataset),
+            "shifted_top1": top1(sr.scenario.shifted_dataset), "stage_seconds": dict(sr.stage_seconds)}
 
 
 def logits_on(model: torch.nn.Module, meta: ModelMeta, batches: list[Any], device: torch.device) -> torch.Tensor:

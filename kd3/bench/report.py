@@ -10,7 +10,12 @@ import numpy as np
 from kd3.bench.spec import BenchSpec
 from kd3.runs import atomic_path
 
-BEGIN, END = "<!-- kd3 bench: quality begin -->", "<!-- kd3 bench: quality end -->"
+def markers(section: str = "quality") -> tuple[str, str]:
+    """The comment lines around a benchmark spec's section of BENCHMARKS.md."""
+    return f"<!-- kd3 bench: {section} begin -->", f"<!-- kd3 bench: {section} end -->"
+
+
+BEGIN, END = markers()
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -110,6 +115,22 @@ def table(spec: BenchSpec, rows: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def teachers_table(teachers: dict[str, dict[str, Any]], rows: dict[str, dict[str, Any]]) -> str:
+    """One row per teacher the methods distil from: its own accuracy, the time of the stages that
+    prepared it (one-off) against the mean training time of a student distilled from it."""
+    lines = ["| teacher (run folder) | methods | private top-1 | shifted top-1 | preparation (s) | "
+             "one distillation (s, mean) | preparation / distillation |", "|" + "---|" * 7]
+    for label, t in teachers.items():
+        seconds = [s for m in t["methods"] for s in rows.get(m, {}).get("seconds", [])]
+        train = float(np.mean(seconds)) if seconds else None
+        prep = sum(t["stage_seconds"].values())
+        stages = ", ".join(f"{k} {v:.0f}" for k, v in t["stage_seconds"].items()) or "—"
+        ratio = f"{prep / train:.2f}" if train and prep else "—"
+        lines.append(f"| {label} | {', '.join(t['methods'])} | {t['private_top1']:.3f} | {t['shifted_top1']:.3f} | "
+                     f"{stages} | {'—' if train is None else f'{train:.1f}'} | {ratio} |")
+    return "\n".join(lines)
+
+
 def curves_plot(path: Path, scenario: str, rows: dict[str, dict[str, Any]]) -> Path:
     """Private top-1 per epoch, mean over seeds with a min–max band, one line per method."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -142,12 +163,13 @@ def curves_plot(path: Path, scenario: str, rows: dict[str, dict[str, Any]]) -> P
     return path
 
 
-def write_section(path: Path, body: str) -> None:
-    """Put ``body`` between the quality markers of ``path`` (other sections are kept as they are)."""
+def write_section(path: Path, body: str, name: str = "quality") -> None:
+    """Put ``body`` between the markers of section ``name`` of ``path`` (other sections are kept as they are)."""
+    begin, end = markers(name)
     text = path.read_text() if path.is_file() else "# kd3 benchmarks\n"
-    section = f"{BEGIN}\n{body.rstrip()}\n{END}"
-    if BEGIN in text and END in text:
-        text = text[:text.index(BEGIN)] + section + text[text.index(END) + len(END):]
+    section = f"{begin}\n{body.rstrip()}\n{end}"
+    if begin in text and end in text:
+        text = text[:text.index(begin)] + section + text[text.index(end) + len(end):]
     else:
         text = text.rstrip() + "\n\n" + section + "\n"
     with atomic_path(path) as tmp:

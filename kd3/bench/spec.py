@@ -43,6 +43,22 @@ class Method(Params):
     #: whether the default must beat this method (false for tuning variants of the default itself,
     #: which are shown in the tables and named in the verdict, but are not baselines)
     baseline: bool = True
+    #: overrides of every upstream stage for this method (e.g. the teacher score distils from:
+    #: score.teacher=...): its cells then run in their own run folder beside the scenario's
+    #: (RUNS/<scenario>/variant-<hash>/), which shares the scenario's demo-data and download stages
+    scenario_overrides: list[str] = Field(default_factory=list)
+    #: stages run in that folder before score (e.g. [prepare-teacher]); their time is reported
+    stages: list[str] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _stages_known(self) -> "Method":
+        from kd3.stages import STAGES
+
+        unknown = [s for s in self.stages if s not in STAGES or s in ("demo-data", "download", "score")]
+        if unknown:
+            raise ValueError(f"stages: {unknown[0]!r} is not a stage that runs before score in a method's own run "
+                             f"folder (known stages: {', '.join(STAGES)}; demo-data, download and score always run)")
+        return self
 
 
 class Quick(Params):
@@ -63,6 +79,9 @@ class BenchSpec(Params):
     default_method: str = "default"
     #: print the default's margin over the data-free baselines (off for studies such as the recipe's)
     verdict: bool = True
+    #: the BENCHMARKS.md section this spec rewrites (between its own markers) and its heading
+    section: str = Field(default="quality", pattern=r"^[a-z0-9-]+$")
+    title: str = "Distillation quality"
     scenarios: dict[str, Scenario]
     methods: dict[str, Method]
     quick: Quick = Field(default_factory=Quick)

@@ -81,7 +81,7 @@ def main(args: argparse.Namespace) -> int:
     runs_dir, output, plots_dir = Path(args.runs_dir), Path(args.output), Path(args.plots_dir)
     command = "kd3 bench " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if sys.argv[1:2] == ["bench"] else \
         f"kd3 bench --config {args.config}" + (" --quick" if args.quick else "")
-    sections = [f"## Distillation quality ({'quick mode, ' if args.quick else ''}{len(seeds)} seed(s))", "",
+    sections = [f"## {spec.title} ({'quick mode, ' if args.quick else ''}{len(seeds)} seed(s))", "",
                 f"Produced by `{command}` on {_machine()}, {_dt.date.today().isoformat()}. "
                 f"Recipe for every method: `{' '.join(spec.recipe) or '(pipeline defaults)'}`; each training run "
                 f"also keeps its {spec.averaging_mode.upper()} average. Numbers are means ± standard deviation "
@@ -92,15 +92,23 @@ def main(args: argparse.Namespace) -> int:
         started = time.monotonic()
         sr = cells.scenario_run(spec, scenario, runs_dir, args.quick, device, log.info)
         results: dict = {}
+        teachers: dict = {}  # run folder → the teacher its methods distil from
         for name in methods:
+            try:
+                cell_run = cells.variant_run(sr, spec.methods[name], log.info)
+            except Kd3Error as exc:
+                log.warning(f"[bench] {scenario} {name}: its run folder failed: {exc}")
+                results.update({(name, seed): {"method": name, "seed": seed, "error": str(exc)} for seed in seeds})
+                continue
+            teachers.setdefault(cell_run.run_dir.name, {"run": cell_run, "methods": []})["methods"].append(name)
             for seed in seeds:
                 try:
-                    results[(name, seed)] = cells.run_cell(spec, sr, name, seed, results, log.info)
+                    results[(name, seed)] = cells.run_cell(spec, cell_run, name, seed, results, log.info)
                 except Kd3Error as exc:
                     log.warning(f"[bench] {scenario} {name} seed {seed}: failed: {exc}")
                     results[(name, seed)] = {"method": name, "seed": seed, "error": str(exc)}
         rows = report.summarise(sr.scenario.private_dataset, sr.scenario.shifted_dataset, results, methods)
-        plot = report.curves_plot(plots_dir / f"quality_{scenario}{'_quick' if args.quick else ''}.png", scenario, rows)
+        plot = report.curves_plot(plots_dir / f"{spec.section}_{scenario}{'_quick' if args.quick else ''}.png", scenario, rows)
         wall = time.monotonic() - started
         # training time from each cell's train stage (meta.json): the same whether a cell was just
         # trained or reused
@@ -112,6 +120,11 @@ def main(args: argparse.Namespace) -> int:
                      f"Headline: `{sr.scenario.private_dataset}` (private test split) and "
                      f"`{sr.scenario.shifted_dataset}` (shifted domain).", "",
                      report.table(spec, rows), "", *report.verdict(spec, rows), "",
+                     *(["Teachers the methods distil from (each method's cells use the teacher of its run folder; "
+                        "agreement and KL above are against that teacher):", "",
+                        report.teachers_table({label: cells.teacher_summary(t["run"], t["methods"])
+                                               for label, t in teachers.items()}, rows), ""]
+                       if len(teachers) > 1 else []),
                      report.selection_tables(rows), "",
                      "Methods: " + "; ".join(f"`{m}` = {spec.methods[m].description or ' '.join(spec.methods[m].overrides)}"
                                              for m in methods), "",
@@ -120,6 +133,6 @@ def main(args: argparse.Namespace) -> int:
         log.info(report.table(spec, rows))
         for line in report.verdict(spec, rows):
             log.info(line)
-    report.write_section(output, "\n".join(sections))
+    report.write_section(output, "\n".join(sections), spec.section)
     log.info(f"[bench] wrote {output}")
     return 0

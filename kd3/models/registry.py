@@ -121,6 +121,18 @@ def small_cnn(num_classes: int, in_channels: int = 1, **options: Any) -> Kd3Mode
     return SmallCNN(num_classes=num_classes, in_channels=in_channels, **options)
 
 
+@MODELS.register("cifar_resnet")
+def cifar_resnet(num_classes: int, in_channels: int = 3, num_blocks: Any = (2, 2, 2, 2),
+                 widths: Any = (64, 128, 256, 512)) -> Kd3Model:
+    """CIFAR ResNet of any depth and width; options: num_blocks (4 ints, blocks per stage), widths (4 ints).
+    The generic teacher's student pool extracts its ResNet sub-networks as this (prepare-teacher)."""
+    num_blocks, widths = tuple(int(v) for v in num_blocks), tuple(int(v) for v in widths)
+    if len(num_blocks) != 4 or len(widths) != 4 or min(num_blocks) < 1 or min(widths) < 1:
+        raise Kd3Error(f"cifar_resnet: num_blocks and widths need 4 positive ints each, got {list(num_blocks)}, "
+                       f"{list(widths)}")
+    return CifarResNet(num_blocks, num_classes, in_channels, widths=widths)
+
+
 @MODELS.register("cifar_resnet18")
 def cifar_resnet18(num_classes: int, in_channels: int = 3) -> Kd3Model:
     """CIFAR ResNet-18 (3x3 stem, no max-pool, 64-128-256-512; 32x32 → 4x4x512 map); KD³ student."""

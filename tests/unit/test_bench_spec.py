@@ -42,3 +42,51 @@ def test_spec_errors_name_the_key(tmp_path):
                    "reference_method: a\ndefault_method: a\n")
     with pytest.raises(ConfigError, match="random_size_from"):
         load_spec(bad)
+
+
+GTN_SPEC = REPO / "benchmarks" / "generic_teacher.yaml"
+
+
+def test_generic_teacher_spec_pairs_each_student_with_both_teachers():
+    spec = load_spec(GTN_SPEC)
+    assert spec.section == "generic-teacher" and spec.section != load_spec(SPEC).section
+    plain = {m: spec.methods[m] for m in spec.methods if m.startswith("plain-")}
+    assert len(plain) == 3
+    for name, method in plain.items():
+        generic = spec.methods[name.replace("plain-", "generic-")]
+        assert generic.overrides == method.overrides  # the same student and KD³ settings, only the teacher differs
+        assert method.stages == [] and generic.stages == ["prepare-teacher"]
+        assert "score.teacher={run}/prepare-teacher/teacher.pt" in generic.scenario_overrides
+        # the KD³ settings of the default method of the quality benchmark
+        quality = load_spec(SPEC)
+        assert method.overrides[:5] == quality.methods[quality.default_method].overrides
+        for scenario in spec.scenarios.values():
+            cfg = load_config(REPO / scenario.config, [*spec.recipe, *method.overrides, *generic.scenario_overrides])
+            assert cfg.score.teacher.endswith("prepare-teacher/teacher.pt")
+
+
+def test_method_stages_must_be_stages_that_can_run_before_score(tmp_path):
+    path = tmp_path / "spec.yaml"
+    path.write_text("scenarios: {demo: {config: pipelines/demo.yaml}}\n"
+                    "methods: {default: {stages: [score]}, kd-all: {}}\n")
+    with pytest.raises(ConfigError, match="methods.default: stages: 'score' is not a stage"):
+        load_spec(path)
+
+
+def test_teachers_table_and_own_section(tmp_path):
+    from kd3.bench import report
+
+    rows = {"plain": {"seconds": [10.0, 14.0]}, "generic": {"seconds": [20.0]}}
+    teachers = {"demo": {"methods": ["plain"], "private_top1": 0.99, "shifted_top1": 0.7, "stage_seconds": {}},
+                "variant-1": {"methods": ["generic"], "private_top1": 0.98, "shifted_top1": 0.75,
+                              "stage_seconds": {"prepare-teacher": 30.0}}}
+    lines = report.teachers_table(teachers, rows).splitlines()
+    assert lines[2] == "| demo | plain | 0.990 | 0.700 | — | 12.0 | — |"
+    assert lines[3] == "| variant-1 | generic | 0.980 | 0.750 | prepare-teacher 30 | 20.0 | 1.50 |"
+    out = tmp_path / "B.md"
+    report.write_section(out, "quality body")
+    report.write_section(out, "gtn body", "generic-teacher")
+    report.write_section(out, "new gtn body", "generic-teacher")
+    text = out.read_text()
+    assert "quality body" in text and "new gtn body" in text and "\ngtn body" not in text
+    assert text.index(report.markers("quality")[1]) < text.index(report.markers("generic-teacher")[0])
