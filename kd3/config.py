@@ -416,8 +416,9 @@ class DedupSection(Section):
     perceptual_similarity: Optional[float] = Field(default=0.985, ge=0, le=1)
     #: edge of the perceptual thumbnail in pixels
     perceptual_size: int = Field(default=16, ge=4, le=64)
-    #: translations tried, in pixels of a thumbnail of twice perceptual_size: ±max_shift in x and y
-    max_shift: int = Field(default=1, ge=0, le=4)
+    #: translations tried: up to ±max_shift quarter pixels of the thumbnail in x and y, (2·max_shift+1)²
+    #: views (2 = ±1 pixel of a 32-px image at perceptual_size 16)
+    max_shift: int = Field(default=2, ge=0, le=4)
     #: cosine of the teacher's pooled features (score cache) a pair must also reach; None: not used
     feature_similarity: Optional[float] = Field(default=None, ge=-1, le=1)
     #: names of evaluate.datasets to decontaminate against; None: all of them (none without an

@@ -8,12 +8,13 @@ Signals, cheapest first:
 - **exact**: SHA-256 of the decoded pixels (shape + bytes). Identical downloads — the same image
   behind many URLs — collapse to one representative before anything else runs, so a pool of a
   million copies of one image costs one vector in the similarity search.
-- **perceptual**: the grey image resized to ``size``×``size`` (antialiased), minus its mean, divided
-  by its norm: a descriptor whose cosine (= Pearson correlation of the thumbnails) is unchanged by
-  brightness and contrast changes and barely moved by resizing and re-encoding.
+- **perceptual**: the image resized to a small RGB thumbnail (antialiased), each channel minus its
+  mean, divided by the norm: a descriptor whose cosine is blind to brightness and contrast changes
+  and barely moved by resizing and re-encoding; translated views of the query (steps of a quarter
+  thumbnail pixel) let a copy shifted by a pixel or two match its original.
 - **teacher**: cosine of the teacher's pooled features (the score cache's ``feature`` column).
 
-A pair is *similar* when every enabled threshold holds. Removal is greedy in pool order
+A pair is *similar* when every enabled threshold holds (exact faiss range searches). Removal is greedy in pool order
 (score-cache row order = (shard, key) order = URL-list order): a sample is kept unless it is
 similar to a sample kept before it, so every removed sample names a kept one within the
 threshold (no chains), and the result does not depend on thread counts or faiss internals.
@@ -47,37 +48,41 @@ def pixel_digest(image: np.ndarray | torch.Tensor) -> str:
     return digest.hexdigest()
 
 
-def perceptual_descriptors(images: Sequence[np.ndarray | torch.Tensor], size: int, max_shift: int = 0) -> np.ndarray:
-    """Decoded uint8 images [C, H, W] (any sizes, 1 or 3 channels) → float32 [N, S, size²], C-contiguous.
+#: the perceptual thumbnail is built at this multiple of its size, so translations step by a fraction of its pixels
+WORK_FACTOR = 4
 
-    Each image is turned grey (ITU-R 601 luma) and resized to 2·size with antialiasing; view s is
-    that image translated by (dy, dx) ∈ [-max_shift, max_shift]² pixels (edges replicated; view 0
-    is the untranslated one), then halved to size×size, centred and scaled to unit norm. A constant
-    image gives zero rows (similar to nothing). Translated views let a copy shifted by a pixel or
-    two match its original: S = (2·max_shift + 1)² views."""
-    work = 2 * size
+
+def perceptual_descriptors(images: Sequence[np.ndarray | torch.Tensor], size: int, max_shift: int = 0) -> np.ndarray:
+    """Decoded uint8 images [C, H, W] (any sizes, 1 or 3 channels) → float32 [N, S, 3·size²], C-contiguous.
+
+    Each image is taken in RGB (grey repeated) and resized to WORK_FACTOR·size with antialiasing;
+    view s is that image translated by (dy, dx) ∈ [-max_shift, max_shift]² of its pixels (edges
+    replicated; view 0 is the untranslated one), averaged down to size×size, each channel centred,
+    scaled to unit norm. Centring makes the cosine blind to brightness offsets, the norm to
+    contrast; a constant image gives zero rows (similar to nothing). The translated views let a
+    copy shifted by a pixel match its original: S = (2·max_shift + 1)² views, in steps of
+    1/WORK_FACTOR of a thumbnail pixel."""
+    work = WORK_FACTOR * size
     offsets = [(0, 0)] + [(dy, dx) for dy in range(-max_shift, max_shift + 1)
                           for dx in range(-max_shift, max_shift + 1) if (dy, dx) != (0, 0)]
-    out = np.zeros((len(images), len(offsets), size * size), np.float32)
+    out = np.zeros((len(images), len(offsets), 3 * size * size), np.float32)
     if not len(images):
         return out
-    greys = []
+    resized = []
     for image in images:
-        x = torch.as_tensor(np.asarray(image)) if not isinstance(image, torch.Tensor) else image
-        grey = match_channels(x, 1).float()
-        if tuple(grey.shape[-2:]) != (work, work):
-            grey = TF.resize(grey, [work, work], antialias=True)
-        greys.append(grey)
-    batch = torch.stack(greys).double()  # [N, 1, 2s, 2s]
+        x = image if isinstance(image, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(image))
+        x = match_channels(x, 3).float()
+        if tuple(x.shape[-2:]) != (work, work):
+            x = TF.resize(x, [work, work], antialias=True)
+        resized.append(x)
+    batch = torch.stack(resized).double()  # [N, 3, work, work]
     m = max_shift
     padded = torch.nn.functional.pad(batch, (m, m, m, m), mode="replicate") if m else batch
     for k, (dy, dx) in enumerate(offsets):
-        view = padded[..., m + dy:m + dy + work, m + dx:m + dx + work]
-        v = torch.nn.functional.avg_pool2d(view, 2).flatten(1)
-        v = v - v.mean(1, keepdim=True)
+        view = torch.nn.functional.avg_pool2d(padded[..., m + dy:m + dy + work, m + dx:m + dx + work], WORK_FACTOR)
+        v = (view - view.mean((2, 3), keepdim=True)).flatten(1)
         norm = v.norm(dim=1, keepdim=True)
-        v = torch.where(norm > 1e-6 * size, v / norm.clamp_min(1e-12), torch.zeros_like(v))
-        out[:, k] = v.float().numpy()
+        out[:, k] = torch.where(norm > 1e-6, v / norm.clamp_min(1e-12), torch.zeros_like(v)).float().numpy()
     return out
 
 
@@ -116,11 +121,6 @@ def similar_pairs(queries: np.ndarray, database: np.ndarray, threshold: float) -
     return rows[first], ids[first], sims[first]
 
 
-def _base_view(x: np.ndarray) -> np.ndarray:
-    """The untranslated view [N, d] of perceptual descriptors [N, S, d] (2-D arrays as they are)."""
-    return np.ascontiguousarray(x[:, 0]) if x.ndim == 3 else x
-
-
 def pair_cosine(a: np.ndarray, b: np.ndarray, i: np.ndarray, j: np.ndarray) -> np.ndarray:
     """Cosine of unit rows a[i[k]] and b[j[k]] for every k."""
     if len(i) == 0:
@@ -128,48 +128,15 @@ def pair_cosine(a: np.ndarray, b: np.ndarray, i: np.ndarray, j: np.ndarray) -> n
     return np.einsum("kd,kd->k", a[i], b[j]).astype(np.float32)
 
 
-@dataclass
-class Signals:
-    """What the pool (or an evaluation set) looks like to the similarity rule: one entry per image."""
-
-    digests: list[str]
-    #: unit perceptual descriptors [N, S, s²] (S translated views; None: that signal is off)
-    perceptual: Optional[np.ndarray] = None
-    #: unit teacher features [N, D] (None: that signal is off)
-    features: Optional[np.ndarray] = None
-
-    def take(self, rows: np.ndarray) -> "Signals":
-        return Signals([self.digests[r] for r in rows],
-                       None if self.perceptual is None else self.perceptual[rows],
-                       None if self.features is None else self.features[rows])
+Pairs = tuple[np.ndarray, np.ndarray, np.ndarray]
 
 
-@dataclass
-class Thresholds:
-    #: perceptual-descriptor cosine at or above which two images may be copies (None: not used)
-    perceptual: Optional[float]
-    #: teacher-feature cosine at or above which two images may be copies (None: not used)
-    feature: Optional[float]
-
-    @property
-    def any(self) -> bool:
-        return self.perceptual is not None or self.feature is not None
+def no_pairs() -> Pairs:
+    return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
 
 
-def matches(a: Signals, b: Signals, t: Thresholds) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Pairs (i in a, j in b, similarity) that pass every enabled threshold; the similarity reported
-    is the perceptual cosine when that signal is on, else the feature cosine. The first enabled
-    signal finds candidates by range search, the second filters them."""
-    spaces = [(x, y, thr) for x, y, thr in ((a.perceptual, b.perceptual, t.perceptual),
-                                           (a.features, b.features, t.feature)) if thr is not None]
-    if not spaces:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
-    (x, y, thr), rest = spaces[0], spaces[1:]
-    i, j, sim = similar_pairs(x, _base_view(y), thr)
-    for x2, y2, thr2 in rest:
-        keep = pair_cosine(_base_view(x2), _base_view(y2), i, j) >= thr2 - 1e-6
-        i, j, sim = i[keep], j[keep], sim[keep]
-    return i, j, sim
+def concat_pairs(parts: Sequence[Pairs]) -> Pairs:
+    return tuple(np.concatenate([p[k] for p in parts]) if parts else no_pairs()[k] for k in range(3))  # type: ignore[return-value]
 
 
 @dataclass
@@ -186,71 +153,64 @@ class Removal:
         return np.array([r is None for r in self.reason], dtype=bool)
 
 
-def plan_removal(pool: Signals, evaluation: Optional[Signals], t: Thresholds) -> Removal:
+def representatives(digests: Sequence[str]) -> np.ndarray:
+    """For each row, the first row (in order) with the same digest."""
+    first: dict[str, int] = {}
+    return np.array([first.setdefault(d, r) for r, d in enumerate(digests)], dtype=np.int64)
+
+
+def plan_removal(pool_digests: Sequence[str], eval_digests: Sequence[str], pool_pairs: Pairs = None,
+                 eval_pairs: Pairs = None) -> Removal:
     """Which pool rows to drop, why, and the row or evaluation item each one matches.
 
-    1. rows with the same pixel digest form one group; its first row (pool order) is the
-       representative, the later ones are ``exact_duplicate`` of it (similarity 1);
-    2. a representative whose digest equals an evaluation image's, or that is similar to one
-       (``t``), is ``eval_contamination`` (nearest: the most similar evaluation item, lowest index
-       on ties), and so is every row of its group;
-    3. the remaining representatives, in pool order: one similar to a representative kept before
-       it is ``near_duplicate`` of the most similar such one (earliest on ties); else it is kept.
+    ``pool_pairs`` (row i, row j, similarity) are the similar pool pairs (either order; pairs with
+    an exact duplicate stand for its representative), ``eval_pairs`` (pool row, evaluation item,
+    similarity) the pool rows similar to an evaluation image; both come from :func:`similar_pairs`
+    with the thresholds applied. The rule, in pool order:
+
+    1. rows with the same pixel digest form one group; its first row is the representative, the
+       later ones are ``exact_duplicate`` of it (similarity 1);
+    2. a representative whose digest equals an evaluation image's, or that is in an evaluation
+       pair, is ``eval_contamination`` (nearest: the most similar evaluation item — an identical one
+       first, then the lowest index on ties), and so is every row of its group;
+    3. each remaining representative similar to one kept before it is ``near_duplicate`` of the
+       most similar such one (the earliest on ties); the others are kept.
     """
-    n = len(pool.digests)
+    n = len(pool_digests)
+    rep = representatives(pool_digests)
     reason: list[Optional[str]] = [None] * n
     nearest = np.full(n, -1, np.int64)
     similarity = np.full(n, np.nan, np.float32)
-    first: dict[str, int] = {}
-    for r, d in enumerate(pool.digests):
-        if d in first:
-            reason[r], nearest[r], similarity[r] = EXACT, first[d], 1.0
-        else:
-            first[d] = r
-    reps = np.array(sorted(first.values()), dtype=np.int64)
-    rep_signals = pool.take(reps)
-    contaminated: dict[int, tuple[int, float]] = {}  # index into reps → (eval item, similarity)
-    if evaluation is not None and len(evaluation.digests):
-        eval_first: dict[str, int] = {}
-        for e, d in enumerate(evaluation.digests):
-            eval_first.setdefault(d, e)
-        for k, d in enumerate(rep_signals.digests):
-            if d in eval_first:
-                contaminated[k] = (eval_first[d], 1.0)
-        if t.any:
-            i, j, sim = matches(rep_signals, evaluation, t)
-            for k, e, s in zip(i.tolist(), j.tolist(), sim.tolist()):
-                best = contaminated.get(k)  # pairs come by ascending e: ties keep the lowest index
-                if best is None or s > best[1] + 1e-7:
-                    contaminated[k] = (e, s)
-    for k, (e, s) in contaminated.items():
-        r = int(reps[k])
-        reason[r], nearest[r], similarity[r] = CONTAMINATION, e, s
+    for r in np.flatnonzero(rep != np.arange(n)).tolist():
+        reason[r], nearest[r], similarity[r] = EXACT, rep[r], 1.0
+    contaminated: dict[int, tuple[int, float]] = {}  # representative row → (evaluation item, similarity)
+    eval_first: dict[str, int] = {}
+    for e, d in enumerate(eval_digests):
+        eval_first.setdefault(d, e)
+    for r in np.unique(rep).tolist():
+        if pool_digests[r] in eval_first:
+            contaminated[r] = (eval_first[pool_digests[r]], 2.0)  # above any cosine: identical wins
+    i, j, sim = eval_pairs if eval_pairs is not None else no_pairs()
+    for k in np.lexsort((j, -sim)).tolist():  # best first, lowest index on ties
+        contaminated.setdefault(int(rep[i[k]]), (int(j[k]), float(sim[k])))
+    for r, (e, s) in contaminated.items():
+        reason[r], nearest[r], similarity[r] = CONTAMINATION, e, min(s, 1.0)
     for r in range(n):  # every copy of a contaminated image leaves with it
-        if reason[r] == EXACT and reason[nearest[r]] == CONTAMINATION:
-            reason[r], similarity[r] = CONTAMINATION, similarity[nearest[r]]
-            nearest[r] = nearest[nearest[r]]
-    if t.any:
-        candidates = np.array([k for k in range(len(reps)) if k not in contaminated], dtype=np.int64)
-        sub = rep_signals.take(candidates)
-        i, j, sim = matches(sub, sub, t)
-        # each pair as (later, earlier) in pool order: only the later one can go; a pair found from
-        # both ends (translated views of either image) counts at its best similarity
-        later, earlier = np.maximum(i, j), np.minimum(i, j)
-        distinct = later != earlier
-        later, earlier, sim = later[distinct], earlier[distinct], sim[distinct]
-        order = np.lexsort((-sim, earlier, later))
-        neighbours: dict[int, list[tuple[int, float]]] = {}
-        for a, b, s in zip(later[order].tolist(), earlier[order].tolist(), sim[order].tolist()):
-            neighbours.setdefault(a, []).append((b, s))
-        kept = np.ones(len(candidates), dtype=bool)
-        for a in range(len(candidates)):
-            best: Optional[tuple[int, float]] = None
-            for b, s in neighbours.get(a, ()):
-                if kept[b] and (best is None or s > best[1] + 1e-7):
-                    best = (b, s)
-            if best is not None:
-                kept[a] = False
-                r = int(reps[candidates[a]])
-                reason[r], nearest[r], similarity[r] = NEAR, int(reps[candidates[best[0]]]), best[1]
+        if reason[r] == EXACT and rep[r] in contaminated:
+            reason[r], nearest[r], similarity[r] = CONTAMINATION, nearest[rep[r]], similarity[rep[r]]
+    i, j, sim = pool_pairs if pool_pairs is not None else no_pairs()
+    i, j = rep[i], rep[j]
+    later, earlier = np.maximum(i, j), np.minimum(i, j)
+    usable = (later != earlier) & ~np.isin(later, list(contaminated)) & ~np.isin(earlier, list(contaminated))
+    later, earlier, sim = later[usable], earlier[usable], sim[usable]
+    order = np.lexsort((earlier, -sim, later))  # per later row: best first, the earliest on ties
+    neighbours: dict[int, list[tuple[int, float]]] = {}
+    for a, b, s in zip(later[order].tolist(), earlier[order].tolist(), sim[order].tolist()):
+        neighbours.setdefault(a, []).append((b, s))
+    kept = np.ones(n, dtype=bool)
+    for a in sorted(neighbours):
+        match = next(((b, s) for b, s in neighbours[a] if kept[b]), None)
+        if match is not None:
+            kept[a] = False
+            reason[a], nearest[a], similarity[a] = NEAR, match[0], match[1]
     return Removal(reason, nearest, similarity)

@@ -20,7 +20,7 @@ key of every kept sample) and ``meta.json`` (counts per reason, per evaluation s
 from __future__ import annotations
 
 import logging
-import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
@@ -81,76 +81,125 @@ def check(cfg: PipelineConfig, run_dir: Path) -> dict[str, str]:
     return inputs
 
 
-def _pool_images(scores: TeacherOutputs, run_dir: Path) -> Iterator[tuple[np.ndarray, list[np.ndarray]]]:
-    """(score-cache rows, decoded uint8 images) in batches: from the pixel cache, else the shards."""
-    n = len(scores.frame)
+def _pool_images(scores: TeacherOutputs, run_dir: Path,
+                 rows: Optional[np.ndarray] = None) -> Iterator[tuple[np.ndarray, list[np.ndarray]]]:
+    """(score-cache rows, decoded uint8 images) in batches, of every row or of ``rows``: from the
+    pixel cache, else decoded from the shards."""
+    wanted = np.arange(len(scores.frame)) if rows is None else np.asarray(rows)
     if scores.pixels is not None:
-        for start in range(0, n, _BATCH):
-            rows = np.arange(start, min(n, start + _BATCH))
-            yield rows, [scores.pixels.image(int(r)) for r in rows]
+        for start in range(0, len(wanted), _BATCH):
+            chunk = wanted[start:start + _BATCH]
+            yield chunk, [scores.pixels.image(int(r)) for r in chunk]
         return
-    dataset = ShardImages(list_shards(run_dir / layout.DOWNLOAD), scores.teacher.input,
-                          uid_to_row=scores.uid_to_row, keep_decoded=True)
+    uid_to_row = scores.uid_to_row
+    if rows is not None:
+        keep = set(wanted.tolist())
+        uid_to_row = {uid: r for uid, r in uid_to_row.items() if r in keep}
+    dataset = ShardImages(list_shards(run_dir / layout.DOWNLOAD), scores.teacher.input, uid_to_row=uid_to_row,
+                          keep_decoded=True)
     for batch in image_loader(dataset, _BATCH, 0):
         yield batch["row"].numpy(), [image.numpy() for image in batch["decoded"]]
 
 
-def _signals(batches: Iterator[tuple[np.ndarray, list[np.ndarray]]], n: Optional[int], cfg: PipelineConfig,
-             progress: Progress) -> tuple[D.Signals, int]:
-    """Digests and perceptual descriptors of every image, in row order (rows may come in any order)."""
+@dataclass
+class _Images:
+    """Per image (row order): pixel digest and untranslated perceptual descriptor (None: signal off)."""
+
+    digests: list[str]
+    descriptors: Optional[np.ndarray]
+
+
+def _describe(batches: Iterator[tuple[np.ndarray, list[np.ndarray]]], n: int, cfg: PipelineConfig,
+              progress: Progress) -> _Images:
     c = cfg.dedup
-    digests: dict[int, str] = {}
-    descriptors: dict[int, np.ndarray] = {}
+    digests: list[Optional[str]] = [None] * n
+    descriptors = np.zeros((n, 3 * c.perceptual_size ** 2), np.float32) if c.perceptual_similarity is not None else None
     for rows, images in batches:
         for r, image in zip(rows.tolist(), images):
             digests[r] = D.pixel_digest(image)
-        if c.perceptual_similarity is not None:
-            for r, d in zip(rows.tolist(), D.perceptual_descriptors(images, c.perceptual_size, c.max_shift)):
-                descriptors[r] = d
+        if descriptors is not None:
+            descriptors[rows] = D.perceptual_descriptors(images, c.perceptual_size)[:, 0]
         progress.update(len(rows))
-    count = len(digests) if n is None else n
-    if len(digests) != count:
-        raise Kd3Error(f"{count - len(digests)} scored samples could not be read back; rerun `kd3 score --overwrite`")
-    perceptual = np.stack([descriptors[r] for r in range(count)]) if descriptors else None
-    return D.Signals([digests[r] for r in range(count)], perceptual), count
+    missing = sum(d is None for d in digests)
+    if missing:
+        raise Kd3Error(f"{missing} scored samples could not be read back from the shards; rerun `kd3 score --overwrite`")
+    return _Images(digests, descriptors)  # type: ignore[arg-type]
 
 
-def _eval_signals(cfg: PipelineConfig, run_dir: Path, scores: TeacherOutputs,
-                  progress: Progress) -> tuple[Optional[D.Signals], list[tuple[str, int]]]:
-    """Signals of every chosen evaluation image (sets concatenated) and (name, size) per set."""
-    datasets = _eval_datasets(cfg)
-    if not datasets:
-        return None, []
+@dataclass
+class _EvalImages(_Images):
+    features: Optional[np.ndarray]
+    #: (name, size) per evaluation set, in the order their items are numbered
+    sizes: list[tuple[str, int]]
+
+
+def _eval_images(cfg: PipelineConfig, run_dir: Path, scores: TeacherOutputs, progress: Progress) -> _EvalImages:
+    """Digests, descriptors and (with dedup.feature_similarity) teacher features of every chosen
+    evaluation image, the sets one after the other."""
     model = meta = None
     device = torch.device("cpu")
-    if cfg.dedup.feature_similarity is not None:
+    datasets = _eval_datasets(cfg)
+    if cfg.dedup.feature_similarity is not None and datasets:
         device = configure(cfg.run)
         model, meta, _ = load_model(resolve_path(cfg.score.teacher, run_dir), device)
         model.eval()
-    parts, sizes, features = [], [], []
+    images: list[np.ndarray] = []
+    features: list[torch.Tensor] = []
+    sizes = []
     for d in datasets:
         data = eval_sets.open_eval_set(d.name, resolve_path(d.path, run_dir), scores.teacher.class_names,
                                        d.format, d.label_key)
-        start = 0
+        before = len(images)
+        for batch, _ in data.batches(cfg.score.batch_size):
+            images += [image.numpy() for image in batch]
+            if model is not None:
+                x = torch.stack([prepare_uint8(image, meta.input) for image in batch])
+                with torch.no_grad():
+                    features.append(model.extract(normalize(x.to(device), meta.input)).pooled.float().cpu())
+        sizes.append((d.name, len(images) - before))
+    described = _describe(iter([(np.arange(len(images)), images)]), len(images), cfg, progress)
+    return _EvalImages(described.digests, described.descriptors,
+                       D.unit_rows(torch.cat(features)) if features else None, sizes)
 
-        def batches() -> Iterator[tuple[np.ndarray, list[np.ndarray]]]:
-            nonlocal start
-            for images, _ in data.batches(cfg.score.batch_size):
-                listed = [image.numpy() for image in images]
-                if model is not None:
-                    batch = torch.stack([prepare_uint8(image, meta.input) for image in images])
-                    with torch.no_grad():
-                        features.append(model.extract(normalize(batch.to(device), meta.input)).pooled.float().cpu())
-                yield np.arange(start, start + len(listed)), listed
-                start += len(listed)
 
-        signals, count = _signals(batches(), None, cfg, progress)
-        parts.append(signals)
-        sizes.append((d.name, count))
-    digests = [x for p in parts for x in p.digests]
-    perceptual = np.concatenate([p.perceptual for p in parts]) if parts[0].perceptual is not None else None
-    feats = D.unit_rows(torch.cat(features)) if features else None
-    return D.Signals(digests, perceptual, feats), sizes
+def _similar(cfg: PipelineConfig, scores: TeacherOutputs, run_dir: Path, pool: _Images, reps: np.ndarray,
+             evaluation: _EvalImages, progress: Progress) -> tuple[D.Pairs, D.Pairs]:
+    """Similar (pool, pool) and (pool, evaluation) pairs among the exact-duplicate representatives
+    ``reps``: every enabled threshold met. Perceptual candidates come from the translated views of
+    each representative against the untranslated descriptors; the teacher features filter them."""
+    c = cfg.dedup
+    features = D.unit_rows(scores.features) if c.feature_similarity is not None else None
+    has_eval = len(evaluation.digests) > 0
+    if c.perceptual_similarity is None:
+        if features is None:
+            return D.no_pairs(), D.no_pairs()
+        i, j, s = D.similar_pairs(features[reps], features[reps], c.feature_similarity)
+        pool_pairs = reps[i], reps[j], s
+        eval_pairs = D.no_pairs()
+        if has_eval:
+            i, j, s = D.similar_pairs(features[reps], evaluation.features, c.feature_similarity)
+            eval_pairs = reps[i], j, s
+        return pool_pairs, eval_pairs
+    database = np.ascontiguousarray(pool.descriptors[reps])
+    pool_parts, eval_parts = [], []
+    for rows, images in _pool_images(scores, run_dir, reps):
+        views = D.perceptual_descriptors(images, c.perceptual_size, c.max_shift)
+        i, j, s = D.similar_pairs(views, database, c.perceptual_similarity)
+        pool_parts.append((rows[i], reps[j], s))
+        if has_eval:
+            i, j, s = D.similar_pairs(views, evaluation.descriptors, c.perceptual_similarity)
+            eval_parts.append((rows[i], j, s))
+        progress.update(len(rows))
+    pool_pairs, eval_pairs = D.concat_pairs(pool_parts), D.concat_pairs(eval_parts)
+    if features is not None:
+        i, j, s = pool_pairs
+        keep = D.pair_cosine(features, features, i, j) >= c.feature_similarity
+        pool_pairs = i[keep], j[keep], s[keep]
+        if has_eval:
+            i, j, s = eval_pairs
+            keep = D.pair_cosine(features, evaluation.features, i, j) >= c.feature_similarity
+            eval_pairs = i[keep], j[keep], s[keep]
+    return pool_pairs, eval_pairs
 
 
 def _manifests(scores: TeacherOutputs, removal: D.Removal, eval_sizes: list[tuple[str, int]],
@@ -178,29 +227,28 @@ def _manifests(scores: TeacherOutputs, removal: D.Removal, eval_sizes: list[tupl
 def run(cfg: PipelineConfig, out: StageDir) -> dict[str, Any]:
     import faiss
 
-    c = cfg.dedup
     # faiss and torch each run an OpenMP pool; one size for both keeps them from oversubscribing the cores
-    faiss.omp_set_num_threads(cfg.run.num_threads or torch.get_num_threads() or os.cpu_count() or 1)
+    faiss.omp_set_num_threads(cfg.run.num_threads or torch.get_num_threads())
     scores = load_teacher_outputs(out.run_dir)
     n = len(scores.frame)
     with Progress(desc=f"[{NAME}] images", unit="images", total=None) as progress:
-        pool, _ = _signals(_pool_images(scores, out.run_dir), n, cfg, progress)
-        evaluation, eval_sizes = _eval_signals(cfg, out.run_dir, scores, progress)
-    if c.feature_similarity is not None:
-        pool.features = D.unit_rows(scores.features)
-    thresholds = D.Thresholds(perceptual=c.perceptual_similarity, feature=c.feature_similarity)
-    removal = D.plan_removal(pool, evaluation, thresholds)
-    removed, kept = _manifests(scores, removal, eval_sizes)
+        pool = _describe(_pool_images(scores, out.run_dir), n, cfg, progress)
+        evaluation = _eval_images(cfg, out.run_dir, scores, progress)
+        reps = np.unique(D.representatives(pool.digests))
+        pool_pairs, eval_pairs = _similar(cfg, scores, out.run_dir, pool, reps, evaluation, progress)
+    removal = D.plan_removal(pool.digests, evaluation.digests, pool_pairs, eval_pairs)
+    removed, kept = _manifests(scores, removal, evaluation.sizes)
     with atomic_path(out.path / layout.DEDUP_REMOVED) as tmp:
         removed.to_parquet(tmp, index=False)
     with atomic_path(out.path / layout.DEDUP_KEEP) as tmp:
         kept.to_parquet(tmp, index=False)
     by_reason = {reason: int((removed["reason"] == reason).sum()) for reason in D.REASONS}
-    per_set = {name: int((removed["nearest_eval_set"] == name).sum()) for name, _ in eval_sizes}
-    log.info(f"[{NAME}] kept {len(kept)} of {n} pool samples; removed {len(removed)}: "
+    per_set = {name: int((removed["nearest_eval_set"] == name).sum()) for name, _ in evaluation.sizes}
+    against = ", ".join(f"{name} ({size})" for name, size in evaluation.sizes)
+    log.info(f"[{NAME}] kept {len(kept)} of {n} pool samples ({len(reps)} distinct images); removed {len(removed)}: "
              + ", ".join(f"{v} {k}" for k, v in by_reason.items())
-             + (f" (against {', '.join(f'{k} ({s})' for k, s in eval_sizes)})" if eval_sizes else
-                " (no evaluation set to decontaminate against)"))
+             + (f"; decontaminated against {against}" if against else "; no evaluation set to decontaminate against"))
     return {"pool": n, "kept": len(kept), "removed": len(removed), "removed_by_reason": by_reason,
-            "distinct_pixels": len(set(pool.digests)), "eval_sets": dict(eval_sizes),
-            "contamination_per_eval_set": per_set, "removed_manifest": str(out.path / layout.DEDUP_REMOVED)}
+            "distinct_pixels": len(reps), "eval_sets": dict(evaluation.sizes),
+            "contamination_per_eval_set": per_set, "similar_pool_pairs": len(pool_pairs[0]),
+            "removed_manifest": str(out.path / layout.DEDUP_REMOVED)}
