@@ -413,7 +413,7 @@ class DedupSection(Section):
 
     #: cosine of the perceptual descriptors (grey thumbnail, centred, unit norm; best of the translated
     #: views) at or above which two images are copies; None: exact duplicates only
-    perceptual_similarity: Optional[float] = Field(default=0.985, ge=0, le=1)
+    perceptual_similarity: Optional[float] = Field(default=0.995, ge=0, le=1)
     #: edge of the perceptual thumbnail in pixels
     perceptual_size: int = Field(default=16, ge=4, le=64)
     #: translations tried: up to ±max_shift quarter pixels of the thumbnail in x and y, (2·max_shift+1)²
