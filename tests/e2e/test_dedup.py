@@ -27,12 +27,17 @@ def _run(run_dir, overrides, urls, *stages_and_extra):
                      f"download.url_list={urls}", *extra]) == 0, stage
 
 
-def test_planted_copies_of_pool_and_evaluation_images_are_removed(toy_run, tmp_path):
+def _fresh_pool(toy_run, tmp_path):
+    """The toy run's demo data copied into ``tmp_path``: (overrides, web folder, URL list, image rows)."""
     run_dir, overrides = toy_run
     shutil.copytree(run_dir / layout.DEMO_DATA, tmp_path / layout.DEMO_DATA)
-    web = tmp_path / layout.DEMO_DATA / "web"
     urls = pd.read_parquet(run_dir / layout.DOWNLOAD / layout.URL_LIST).drop(columns=["uid"])
     images = np.flatnonzero(urls["source"].isin(["mnist", "natural"]).to_numpy())
+    return overrides, tmp_path / layout.DEMO_DATA / "web", urls, images
+
+
+def test_planted_copies_of_pool_and_evaluation_images_are_removed(toy_run, tmp_path):
+    overrides, web, urls, images = _fresh_pool(toy_run, tmp_path)
     evals = {"private_test": web.parent / "private_test.npz", "mnist_shifted": web.parent / "mnist_shifted_test.npz"}
     planted = plant(web, urls, images[::12][:12].tolist(), evals, 4, seed=0, edits=CAUGHT)
     url_list = tmp_path / "urls.parquet"
@@ -72,11 +77,7 @@ def test_planted_copies_of_pool_and_evaluation_images_are_removed(toy_run, tmp_p
 
 def test_many_urls_for_few_images_keep_one_sample_per_image(toy_run, tmp_path):
     # the 3000-URL list with 40 distinct images, at toy scale: 300 URLs behind 10 files
-    run_dir, overrides = toy_run
-    shutil.copytree(run_dir / layout.DEMO_DATA, tmp_path / layout.DEMO_DATA)
-    web = tmp_path / layout.DEMO_DATA / "web"
-    urls = pd.read_parquet(run_dir / layout.DOWNLOAD / layout.URL_LIST).drop(columns=["uid"])
-    images = np.flatnonzero(urls["source"].isin(["mnist", "natural"]).to_numpy())
+    overrides, web, urls, images = _fresh_pool(toy_run, tmp_path)
     url_list = tmp_path / "urls.parquet"
     repeated_urls(web, urls, images[::9][:10].tolist(), 300).to_parquet(url_list, index=False)
     _run(tmp_path, overrides, url_list, ["download"], ["score"], ["dedup", "dedup.eval_sets=[]"])
