@@ -28,7 +28,7 @@ export PYTHONUNBUFFERED := 1
 KD3 := $(VENV)/bin/kd3
 STAMP := $(VENV)/.kd3-installed
 
-.PHONY: help install demo test bench bench-quality demo-data download score select train train-kd average evaluate inspect validate prepare-teacher bench-gtn
+.PHONY: help install demo test bench bench-quality demo-data download score dedup select train train-kd average evaluate inspect validate prepare-teacher bench-gtn
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -48,6 +48,7 @@ demo: $(STAMP) ## run the whole pipeline on the embedded demo (CPU, minutes)
 	$(KD3) demo-data --config $(CONFIG) --run-dir $(RUN) --resume $(ARGS)
 	$(KD3) download --config $(CONFIG) --run-dir $(RUN) --resume $(ARGS)
 	$(KD3) score --config $(CONFIG) --run-dir $(RUN) --resume $(ARGS)
+	$(KD3) dedup --config $(CONFIG) --run-dir $(RUN) --resume $(ARGS)
 	$(KD3) select --config $(CONFIG) --run-dir $(RUN) --resume $(ARGS)
 	$(KD3) train --config $(CONFIG) --run-dir $(RUN) --resume $(ARGS)
 	$(KD3) train --config $(CONFIG) --run-dir $(RUN) --resume train.objective=kd train.selector=all train.output=train-kd $(ARGS)
@@ -81,6 +82,9 @@ download: $(STAMP) ## URL list -> webdataset shards + parquet (img2dataset)
 
 score: $(STAMP) ## teacher outputs per sample, cached by uid
 	$(LAUNCH) score --config $(CONFIG) --run-dir $(RUN) $(ARGS)
+
+dedup: $(STAMP) ## remove exact / near-duplicate pool images and copies of evaluation images
+	$(KD3) dedup --config $(CONFIG) --run-dir $(RUN) $(ARGS)
 
 select: $(STAMP) ## selection manifest
 	$(KD3) select --config $(CONFIG) --run-dir $(RUN) $(ARGS)

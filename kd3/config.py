@@ -241,6 +241,9 @@ class SelectSection(Section):
     #: a kd3 student checkpoint (e.g. "{run}/train/epoch_005.pt") for selectors that combine
     #: teacher and student predictions (kd3_dynamic with alpha < 1)
     student: Optional[str] = None
+    #: a list of uids never selected (.parquet with a uid column, or .txt with one uid a line), e.g.
+    #: "{run}/dedup/removed.parquet" from `kd3 dedup`; None: every scored sample may be selected
+    exclude: Optional[str] = None
 
 
 class InputOverride(Section):
@@ -288,6 +291,8 @@ class TrainSection(Section):
     #: label over the samples trained each epoch; "teacher_checkpoint" = a ``class_means`` [K, D]
     #: tensor stored in the score.teacher checkpoint
     nd_class_means: Literal["pseudo_labels", "teacher_checkpoint"] = "pseudo_labels"
+    #: a list of uids never trained on (as select.exclude), e.g. "{run}/dedup/removed.parquet"
+    exclude: Optional[str] = None
 
     @field_validator("extra_losses")
     @classmethod
@@ -427,6 +432,26 @@ class EvaluateSection(Section):
         return value
 
 
+class DedupSection(Section):
+    """`kd3 dedup`: exact and near-duplicate removal in the pool, and removal of pool images that copy
+    an evaluation image (kd3/methods/dedup.py). Select and train leave the removed samples out when
+    their ``exclude`` key names ``{run}/dedup/removed.parquet``."""
+
+    #: cosine of the perceptual descriptors (grey thumbnail, centred, unit norm; best of the translated
+    #: views) at or above which two images are copies; None: exact duplicates only
+    perceptual_similarity: Optional[float] = Field(default=0.995, ge=0, le=1)
+    #: edge of the perceptual thumbnail in pixels
+    perceptual_size: int = Field(default=16, ge=4, le=64)
+    #: translations tried: up to ±max_shift quarter pixels of the thumbnail in x and y, (2·max_shift+1)²
+    #: views (2 = ±1 pixel of a 32-px image at perceptual_size 16)
+    max_shift: int = Field(default=2, ge=0, le=4)
+    #: cosine of the teacher's pooled features (score cache) a pair must also reach; None: not used
+    feature_similarity: Optional[float] = Field(default=None, ge=-1, le=1)
+    #: names of evaluate.datasets to decontaminate against; None: all of them (none without an
+    #: evaluate section); []: no decontamination
+    eval_sets: Optional[list[str]] = None
+
+
 class InspectSection(Section):
     """What ``kd3 inspect`` shows: contact-sheet sizes, histogram resolution, ground truth and warnings."""
 
@@ -532,6 +557,7 @@ class PipelineConfig(Section):
     average: AverageSection = Field(default_factory=AverageSection)
     evaluate: Optional[EvaluateSection] = None
     prepare_teacher: PrepareTeacherSection = Field(default_factory=PrepareTeacherSection)
+    dedup: DedupSection = Field(default_factory=DedupSection)
     inspect: InspectSection = Field(default_factory=InspectSection)
 
     #: where the config came from (for error messages); not part of the YAML
@@ -585,7 +611,9 @@ RUNTIME_KEYS = {"num_workers", "processes_count", "thread_count", "batch_size_ev
 #: unchanged, so a finished or interrupted stage from before still resumes (any other value counts)
 LATER_DEFAULTS: dict[str, dict[str, Any]] = {
     "score": {"bn_distance": "absolute", "bn_variance_weight": 0.0},
-    "train": {"extra_losses": [], "nd_weight": 1.0, "nd_dropout": 0.0, "nd_class_means": "pseudo_labels"},
+    "train": {"extra_losses": [], "nd_weight": 1.0, "nd_dropout": 0.0, "nd_class_means": "pseudo_labels",
+              "exclude": None},
+    "select": {"exclude": None},
     "averaging": AveragingSection().model_dump(mode="json"),
     "demo_data": {"channels": 1, "private_color": [255, 255, 255], "web_shift": None},
     "inspect": {"ground_truth_column": "source", "in_domain_value": "mnist", "true_label_column": "demo_label",

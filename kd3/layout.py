@@ -7,6 +7,7 @@ A stage writes only under its own folder and reads other stages' outputs through
 RUN/download/  url_list.parquet, refused.parquet, shards/ (NNNNN.tar, NNNNN.parquet, NNNNN_stats.json), meta.json
 RUN/score/     teacher_outputs.parquet, pixels.npy + pixel_channels.npy (decoded-pixel cache),
                teacher_feature_maps.npy, meta.json
+RUN/dedup/     removed.parquet, keep.parquet, meta.json
 RUN/select/    manifest.parquet, meta.json
 RUN/train*/    epoch_XXX.pt, last.pt, metrics.jsonl, selection/epoch_XXX.parquet, validation.parquet
 RUN/average*/  <mode>.pt
@@ -25,6 +26,7 @@ from pathlib import Path
 DEMO_DATA = "demo-data"
 DOWNLOAD = "download"
 SCORE = "score"
+DEDUP = "dedup"
 SELECT = "select"
 TRAIN = "train"
 AVERAGE = "average"
@@ -44,6 +46,9 @@ PIXEL_CHANNELS = "pixel_channels.npy"
 #: the teacher's feature maps per pool row (KD³'s feature alignment reads them instead of running the teacher)
 FEATURE_MAP_CACHE = "teacher_feature_maps.npy"
 SELECT_MANIFEST = "manifest.parquet"
+#: the dedup stage's removed samples (uid, reason, nearest match, similarity) and the kept uids
+DEDUP_REMOVED = "removed.parquet"
+DEDUP_KEEP = "keep.parquet"
 SELECTION_DIR = "selection"
 VALIDATION = "validation.parquet"
 METRICS = "metrics.jsonl"
@@ -67,6 +72,10 @@ def epoch_manifest(epoch: int) -> str:
 
 def score_cache(run_dir: Path) -> Path:
     return Path(run_dir) / SCORE / SCORE_CACHE
+
+
+def dedup_removed(run_dir: Path) -> Path:
+    return Path(run_dir) / DEDUP / DEDUP_REMOVED
 
 
 def select_manifest(run_dir: Path) -> Path:

@@ -21,6 +21,7 @@ from urllib.parse import quote, unquote, urlsplit
 
 from kd3 import __version__
 from kd3.errors import Kd3Error
+from kd3.inspect.dedup import DedupView, dedup_view
 from kd3.inspect.manifests import TRAIN_DIR, ManifestRef, find_manifests
 from kd3.inspect.sheets import SECTIONS, Sheet, build_sheets
 from kd3.inspect.summary import RunSummary, Table, format_summary, selection_lines, summarize_run, tables, warning_lines
@@ -120,14 +121,39 @@ def _sheet_html(sheet: Sheet, out_dir: Path) -> str:
     return "".join(parts)
 
 
+def _dedup_html(view: DedupView, out_dir: Path) -> str:
+    c = view.counts
+    reasons = ", ".join(f"{n} {reason}" for reason, n in c.get("removed_by_reason", {}).items())
+    sets = ", ".join(f"{name} ({n})" for name, n in c.get("eval_sets", {}).items()) or "none"
+    parts = [f'<section id="dedup"><h2>Pool hygiene (kd3 dedup)</h2><p>kept {_esc(c.get("kept"))} of '
+             f'{_esc(c.get("pool"))} pool samples ({_esc(c.get("distinct_pixels"))} distinct images); removed '
+             f"{view.removed}: {_esc(reasons)}. Evaluation sets checked: {_esc(sets)}.</p>"]
+    if view.sheet is not None:
+        href = _href(out_dir, view.sheet)
+        parts.append(f'<p class="note">The {len(view.rows)} closest calls (lowest similarity first): each pair is the '
+                     f'removed sample, then its nearest match.</p><a href="{href}"><img src="{href}" '
+                     'alt="removed samples and their nearest matches"></a>')
+        rows = "".join(f"<tr><td>{_esc(r['reason'])}</td><td><code>{_esc(r['uid'])}</code></td>"
+                       f"<td><code>{_esc(r['nearest'])}</code></td><td class=\"num\">{r['similarity']:.4f}</td>"
+                       f'<td class="url">{_esc(r["url"])}</td><td class="url">{_esc(r["nearest_url"])}</td></tr>'
+                       for r in view.rows)
+        parts.append(f"<details><summary>{len(view.rows)} pairs (all {view.removed} in "
+                     f"<code>dedup/removed.parquet</code>)</summary><table><thead><tr><th>reason</th><th>removed uid</th>"
+                     "<th>nearest</th><th>similarity</th><th>url (not fetched)</th><th>nearest url</th></tr></thead>"
+                     f"<tbody>{rows}</tbody></table></details>")
+    return "".join(parts) + "</section>"
+
+
 def render_html(summary: RunSummary, out_dir: Path, plots: dict[str, Path], sheets: Sequence[Sheet],
-                sheet_manifest: Optional[ManifestRef], max_classes: Optional[int], files: Sequence[Path]) -> str:
+                sheet_manifest: Optional[ManifestRef], max_classes: Optional[int], files: Sequence[Path],
+                dedup: Optional[DedupView] = None) -> str:
     """The whole page as one string; links are relative to ``out_dir``."""
     out_dir = Path(out_dir)
     tabs = tables(summary, max_classes)
     head = [t for t in tabs if t.anchor in _HEAD_TABLES]
     rest = [t for t in tabs if t.anchor not in _HEAD_TABLES]
-    nav = [(t.anchor, t.title) for t in head] + [("plots", "Plots")] + [(t.anchor, t.title) for t in rest]
+    nav = [(t.anchor, t.title) for t in head] + ([("dedup", "Pool hygiene")] if dedup else []) + [("plots", "Plots")]
+    nav += [(t.anchor, t.title) for t in rest]
     nav += [("sheets", "Contact sheets"), ("files", "Files")]
     now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     body = [f"<header><h1>kd3 selection report</h1><p class=\"meta\">run <code>{_esc(summary.run_dir)}</code> · "
@@ -148,6 +174,8 @@ def render_html(summary: RunSummary, out_dir: Path, plots: dict[str, Path], shee
     body += [table_html(t) for t in head]
     if summary.truth_note:
         body.append(f'<p class="note" id="ground-truth-note">{_esc(summary.truth_note)}</p>')
+    if dedup is not None:
+        body.append(_dedup_html(dedup, out_dir))
     figures = [f'<figure><a href="{_href(out_dir, p)}"><img src="{_href(out_dir, p)}" alt="{_esc(name)}"></a>'
                f"<figcaption>{_esc(name)}</figcaption></figure>" for name, p in plots.items()]
     body.append('<section id="plots"><h2>Plots</h2><div class="plots">'
@@ -209,11 +237,14 @@ def check_links(index: Path) -> list[str]:
 def build_report(run_dir: Path, out_dir: Path, top_n: int = 16, bottom_n: int = 8, rejected_n: int = 8,
                  max_classes: Optional[int] = None, thumbnail_size: int = 64, histogram_bins: int = 20,
                  refs: Optional[Sequence[ManifestRef]] = None, train: str = TRAIN_DIR,
-                 truth: TruthSettings = DEFAULT_TRUTH) -> InspectResult:
+                 truth: TruthSettings = DEFAULT_TRUTH,
+                 eval_datasets: Optional[dict[str, tuple[Path, str, Optional[str]]]] = None) -> InspectResult:
     """Summaries, plots, contact sheets of the final manifest and ``index.html`` in ``out_dir``.
 
     ``truth`` says where the URL list keeps its ground truth (purity and recall tables, a plot)
     and when one class counts as absorbing the distractors (the warning atop the page).
+    With a finished dedup stage the page shows what it removed; ``eval_datasets`` (name → path,
+    format, label key) finds the evaluation images it matched.
     """
     from kd3.inspect import plots as P
 
@@ -245,11 +276,12 @@ def build_report(run_dir: Path, out_dir: Path, top_n: int = 16, bottom_n: int = 
     classes = list(range(len(summary.class_names)))[:max_classes]
     sheets = build_sheets(final_ref, run_dir / "download" / "shards", out_dir / SHEETS_DIR, summary.class_names,
                           classes, summary.final.selected_per_class, top_n, bottom_n, rejected_n, thumbnail_size)
+    dedup = dedup_view(run_dir, out_dir, eval_datasets or {}, summary.class_names, thumbnail_size)
     progress.update()
     files = [out_dir / "summary.txt", out_dir / "summary.json", *plots.values()]
     if (out_dir / "meta.json").is_file():
         files.append(out_dir / "meta.json")
-    page = render_html(summary, out_dir, plots, sheets, final_ref, max_classes, files)
+    page = render_html(summary, out_dir, plots, sheets, final_ref, max_classes, files, dedup)
     index = out_dir / INDEX
     atomic_write_text(index, page)
     problems = check_links(index)

@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from kd3 import layout
-from kd3.config import PipelineConfig
+from kd3.config import PipelineConfig, resolve_path
 from kd3.inspect.manifests import SELECT_MANIFEST, TRAIN_DIR, find_manifests, listing_fingerprint
 from kd3.inspect.report import build_report
 from kd3.inspect.summary import warning_lines
@@ -50,6 +50,8 @@ def check(cfg: PipelineConfig, run_dir: Path) -> dict[str, str]:
         # the listing, not the train meta.json: a running train stage adds epochs before its meta changes
         metrics = run_dir / _train_name(cfg) / layout.METRICS
         inputs["train.selection"] = listing_fingerprint(epochs + ([metrics] if metrics.is_file() else []))
+    if (run_dir / layout.DEDUP / META_NAME).is_file():
+        inputs["dedup"] = stage_input_fingerprint(run_dir, layout.DEDUP)
     if (run_dir / "download" / META_NAME).is_file():
         inputs["download"] = stage_input_fingerprint(run_dir, "download")
     url_list = url_list_path(run_dir)
@@ -65,11 +67,18 @@ def truth_settings(cfg: PipelineConfig) -> TruthSettings:
                          i.warn_min_samples, i.warn_keep_share)
 
 
+def _eval_datasets(cfg: PipelineConfig, run_dir: Path) -> dict[str, tuple[Path, str, Optional[str]]]:
+    """Where the evaluation images that dedup matched pool samples to are (evaluate.datasets)."""
+    if cfg.evaluate is None:
+        return {}
+    return {d.name: (resolve_path(d.path, run_dir), d.format, d.label_key) for d in cfg.evaluate.datasets}
+
+
 def run(cfg: PipelineConfig, out: StageDir) -> dict[str, Any]:
     i = cfg.inspect
     result = build_report(out.run_dir, out.path, top_n=i.top_n, bottom_n=i.bottom_n, rejected_n=i.rejected_n,
                           max_classes=i.max_classes, thumbnail_size=i.thumbnail_size, histogram_bins=i.histogram_bins,
-                          train=_train_name(cfg), truth=truth_settings(cfg))
+                          train=_train_name(cfg), truth=truth_settings(cfg), eval_datasets=_eval_datasets(cfg, out.run_dir))
     log.info(result.text)
     counts = result.counts
     for line in warning_lines(result.summary):  # again after the tables, where it cannot scroll away

@@ -15,14 +15,17 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from kd3 import layout
 from kd3.config import PipelineConfig, require_file, resolve_path
+from kd3.data.exclusions import exclude_inputs, excluded_mask
 from kd3.data.manifest import selection_manifest
 from kd3.data.score_cache import load_teacher_outputs
 from kd3.data.shards import list_shards
 from kd3.errors import Kd3Error
 from kd3.inference import pool_logits
-from kd3.methods.selectors import SELECTORS, SelectionInputs
+from kd3.methods.selectors import SELECTORS, SelectionInputs, run_selector
 from kd3.models import check_checkpoint_code, load_model
 from kd3.runs import StageDir, atomic_path, file_fingerprint, require_complete, stage_input_fingerprint
 from kd3.runtime import configure
@@ -39,7 +42,7 @@ STANDALONE_EPOCH = -1
 
 def check(cfg: PipelineConfig, run_dir: Path) -> dict[str, str]:
     require_complete(run_dir, layout.SCORE, NAME)
-    inputs = {"score": stage_input_fingerprint(run_dir, layout.SCORE)}
+    inputs = {"score": stage_input_fingerprint(run_dir, layout.SCORE), **exclude_inputs(cfg, "select.exclude", run_dir)}
     selector = SELECTORS.get(cfg.select.selector)
     if selector.needs_student(cfg.selector_params(selector.name)):
         student = require_file(cfg, "select.student", resolve_path(cfg.select.student, run_dir),
@@ -60,10 +63,17 @@ def run(cfg: PipelineConfig, out: StageDir) -> dict[str, Any]:
         student_logits = pool_logits(student, meta.input, meta.num_classes, list_shards(out.run_dir / layout.DOWNLOAD),
                                      scores.uid_to_row, cfg.score.batch_size, cfg.score.num_workers, device,
                                      scores.pixels, f"[{NAME}] student over the pool")
+    excluded = excluded_mask(cfg, "select.exclude", out.run_dir, list(scores.frame["uid"]))
+    if excluded.all():
+        raise Kd3Error(f"{cfg.source}: select.exclude lists every scored sample; nothing is left to select")
+    if excluded.any():
+        log.info(f"[{NAME}] leaving out {int(excluded.sum())} of {len(excluded)} samples listed in select.exclude")
     try:
-        result = selector(SelectionInputs(teacher_logits=scores.logits, student_logits=student_logits,
-                                          seed=cfg.run.seed, bn_score=scores.bn_score,
-                                          bn_per_layer=scores.bn_per_layer), params)
+        result = run_selector(selector, params, SelectionInputs(teacher_logits=scores.logits,
+                                                                student_logits=student_logits, seed=cfg.run.seed,
+                                                                bn_score=scores.bn_score,
+                                                                bn_per_layer=scores.bn_per_layer),
+                              torch.from_numpy(~excluded) if excluded.any() else None)
     except ValueError as exc:
         raise Kd3Error(f"select.selector {selector.name}: {exc}") from None
     manifest = selection_manifest(scores.frame, STANDALONE_EPOCH, result, result.alpha, student_logits, None)
@@ -80,6 +90,6 @@ def run(cfg: PipelineConfig, out: StageDir) -> dict[str, Any]:
         log.warning(f"[{NAME}] warning: nothing passed the threshold; kept the most confident sample(s) instead")
     if result.dominant_class is not None:
         log.warning(f"[{NAME}] warning: class {names[result.dominant_class]!r} holds most of the confident samples")
-    return {"pool": len(manifest), "selected": n_selected, "selected_per_class": per_class,
+    return {"pool": len(manifest), "excluded": int(excluded.sum()), "selected": n_selected, "selected_per_class": per_class,
             "fallback_used": bool(result.fallback_used),
             "dominant_class": None if result.dominant_class is None else names[result.dominant_class]}

@@ -29,6 +29,7 @@ from typing import Any
 
 from kd3 import dist, layout
 from kd3.config import PipelineConfig
+from kd3.data.exclusions import exclude_inputs
 from kd3.models import read_checkpoint
 from kd3.runs import StageDir, read_jsonl, require_complete, stage_input_fingerprint
 from kd3.runtime import configure
@@ -63,7 +64,7 @@ def check(cfg: PipelineConfig, run_dir: Path) -> dict[str, str]:
     from kd3.models import MODELS
 
     MODELS.get(cfg.train.student.arch)  # fail before any work on an unknown architecture
-    return {"score": stage_input_fingerprint(run_dir, layout.SCORE)}
+    return {"score": stage_input_fingerprint(run_dir, layout.SCORE), **exclude_inputs(cfg, "train.exclude", run_dir)}
 
 
 def run(cfg: PipelineConfig, out: StageDir) -> dict[str, Any]:

@@ -6,6 +6,7 @@ its output folder, benchmarks call it without one (no files written) to time the
 
 from __future__ import annotations
 
+import logging
 import math
 from pathlib import Path
 from typing import Optional
@@ -16,6 +17,7 @@ import torch
 from kd3 import layout
 from kd3.config import PipelineConfig
 from kd3.data import subsets
+from kd3.data.exclusions import excluded_mask
 from kd3.data.score_cache import TeacherOutputs, load_teacher_outputs
 from kd3.data.shards import list_shards
 from kd3.errors import Kd3Error
@@ -29,6 +31,8 @@ from kd3.training.loop import Trainer
 from kd3.training.objectives import OBJECTIVES, BuildContext, build_objective
 from kd3.training.sources import SelectedPool
 from kd3.training.state import lr_factor
+
+log = logging.getLogger(__name__)
 
 
 def config_sections(cfg: PipelineConfig) -> tuple[str, ...]:
@@ -82,8 +86,14 @@ def build_trainer(cfg: PipelineConfig, run_dir: Path, device: torch.device, out_
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda e: lr_factor(t.scheduler, e, t.epochs, t.step_milestones))
     shards = list_shards(run_dir / layout.DOWNLOAD)
+    excluded = excluded_mask(cfg, "train.exclude", run_dir, list(scores.frame["uid"]))
+    eligible = ~held_out & ~excluded
+    if excluded.any():
+        log.info(f"[{name}] leaving out {int(excluded.sum())} of {len(excluded)} pool samples listed in train.exclude")
+        if not eligible.any():
+            raise Kd3Error(f"{cfg.source}: train.exclude lists every trainable pool sample; nothing is left to train on")
     source = SelectedPool(SELECTORS.get(t.selector), cfg.selector_params(t.selector), scores, shards,
-                          torch.from_numpy(~held_out) if held_out.any() else None, cfg.run.seed,
+                          None if eligible.all() else torch.from_numpy(eligible), cfg.run.seed,
                           cfg.score.batch_size, t.num_workers, device)
     callbacks = []
     if cfg.averaging.modes:
@@ -106,5 +116,5 @@ def build_trainer(cfg: PipelineConfig, run_dir: Path, device: torch.device, out_
                       optimizer=optimizer, scheduler=scheduler, source=source, scores=scores, shards=shards,
                       epochs=t.epochs, batch_size=t.batch_size, num_workers=t.num_workers, seed=cfg.run.seed,
                       device=device, callbacks=callbacks, state_extras={"config": config, "seed": cfg.run.seed},
-                      name=name, min_selected=math.ceil(t.min_selected_fraction * int((~held_out).sum())))
+                      name=name, min_selected=math.ceil(t.min_selected_fraction * int(eligible.sum())))
     return trainer, held_out
