@@ -23,7 +23,7 @@ from kd3.config import PipelineConfig, require_file, resolve_path
 from kd3.data.demo import PORT_PLACEHOLDER
 from kd3.data.loopback import serve_directory
 from kd3.data.manifest import read_url_list
-from kd3.data.shards import canonicalize_shard, read_download_index, shards_dir
+from kd3.data.shards import canonicalize_shard, read_download_index, shard_fingerprints, shards_dir
 from kd3.errors import ConfigError, Kd3Error
 from kd3.progress import Progress
 from kd3.runs import StageDir, atomic_path, capture_stdout, file_fingerprint
@@ -33,6 +33,8 @@ log = logging.getLogger(__name__)
 NAME = "download"
 SUMMARY = "fetch the URL list with img2dataset into webdataset shards (+ per-shard parquet)"
 SECTIONS = ("download",)
+#: the stage never runs a model, so run.device is not checked for it
+USES_DEVICE = False
 
 
 def _url_list_path(cfg: PipelineConfig) -> Path:
@@ -42,6 +44,7 @@ def _url_list_path(cfg: PipelineConfig) -> Path:
 def check(cfg: PipelineConfig, run_dir: Path) -> dict[str, str]:
     url_list = require_file(cfg, "download.url_list", _url_list_path(cfg),
                             "write one with `kd3 demo-data` or point download.url_list at your URL list")
+    read_url_list(url_list)  # its columns and URLs, before the folder is touched (and in --dry-run)
     if cfg.download.serve_root is not None and not resolve_path(cfg.download.serve_root, run_dir).is_dir():
         raise ConfigError(f"{cfg.source}: download.serve_root: folder not found: {cfg.download.serve_root} "
                           "(run `kd3 demo-data` first)")
@@ -161,6 +164,7 @@ def run(cfg: PipelineConfig, out: StageDir) -> dict[str, Any]:
                        f"rerun with --resume to fetch the rest")
     for shard in sorted(out_dir.glob("*.tar")):
         canonicalize_shard(shard)  # deterministic sample order, whatever order downloads finished in
+    out.write_meta(outputs={"shards": shard_fingerprints(out.path)})  # later stages refuse changed shards
     index = read_download_index(out.path, columns=["uid", "url", "status", "error_message"])
     # report template URLs (stable, port-free) so later stages and manifests never show a dead port
     index["url"] = index["uid"].map(dict(zip(urls["uid"], urls["url"])))

@@ -21,17 +21,20 @@ from typing import Any
 
 from kd3 import layout
 from kd3.config import PipelineConfig
+from kd3.data.score_cache import require_score
 from kd3.inspect.manifests import SELECT_MANIFEST, TRAIN_DIR, find_manifests, listing_fingerprint
 from kd3.inspect.report import build_report
 from kd3.inspect.summary import warning_lines
 from kd3.inspect.truth import TruthSettings, url_list_path
-from kd3.runs import META_NAME, StageDir, require_complete, stage_input_fingerprint
+from kd3.runs import META_NAME, StageDir, stage_input_fingerprint
 
 log = logging.getLogger(__name__)
 
 NAME = "inspect"
 SUMMARY = "summary tables, plots, per-class contact sheets and an HTML report of the selection manifests"
 SECTIONS = ("inspect",)
+#: the stage never runs a model, so run.device is not checked for it
+USES_DEVICE = False
 
 
 def _train_name(cfg: PipelineConfig) -> str:
@@ -40,7 +43,7 @@ def _train_name(cfg: PipelineConfig) -> str:
 
 
 def check(cfg: PipelineConfig, run_dir: Path) -> dict[str, str]:
-    require_complete(run_dir, layout.SCORE, NAME)
+    require_score(run_dir, NAME)
     refs = find_manifests(run_dir, _train_name(cfg))  # raises with the stages to run when there is none
     inputs = {"score": stage_input_fingerprint(run_dir, layout.SCORE)}
     if (run_dir / SELECT_MANIFEST).is_file():
