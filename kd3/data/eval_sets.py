@@ -85,6 +85,9 @@ def check_tar(path: Path) -> None:
         with tarfile.open(path, "r:") as tar:
             for _ in tar:
                 pass
+            # cut at a member boundary, a tar reads as complete; only the end-of-archive blocks say otherwise
+            if path.stat().st_size < tar.offset + 2 * tarfile.BLOCKSIZE:
+                raise tarfile.ReadError("no end-of-archive marker")
     except (tarfile.TarError, EOFError, OSError) as exc:
         raise Kd3Error(f"{path}: not a complete tar file ({exc}); it is truncated or corrupt: copy or "
                        "create it again") from None
