@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from kd3 import layout
+from kd3.children import run_in_group
 from kd3.config import PipelineConfig, require_file, resolve_path
 from kd3.data.demo import PORT_PLACEHOLDER
 from kd3.data.loopback import serve_directory
@@ -127,6 +128,10 @@ def _download(cfg: PipelineConfig, resolved: Path, out_dir: Path, extra_columns:
     return printed.getvalue()
 
 
+def _download_to_log(cfg: PipelineConfig, resolved: Path, out_dir: Path, extra_columns: list[str], log: Path) -> None:
+    log.write_text(_download(cfg, resolved, out_dir, extra_columns))
+
+
 def run(cfg: PipelineConfig, out: StageDir) -> dict[str, Any]:
     run_dir = out.run_dir
     urls = read_url_list(_url_list_path(cfg))
@@ -155,9 +160,10 @@ def run(cfg: PipelineConfig, out: StageDir) -> dict[str, Any]:
             resolved.to_parquet(tmp, index=False)
         log.info(f"[{NAME}] downloading {len(urls)} URLs into {n_shards} shard(s) with img2dataset …")
         with _shard_progress(out_dir, len(urls)):
-            log_text = _download(cfg, resolved_path, out_dir, extra_columns)
+            # in a child process group, so img2dataset's workers die with this stage (kill -9 included)
+            run_in_group("img2dataset", _download_to_log, cfg, resolved_path, out_dir, extra_columns,
+                         out.path / "img2dataset.log")
         resolved_path.unlink(missing_ok=True)
-    (out.path / "img2dataset.log").write_text(log_text)
     done = len(list(out_dir.glob("*_stats.json")))
     if done < n_shards:
         raise Kd3Error(f"img2dataset finished {done}/{n_shards} shards in {out_dir} (see {out.path / 'img2dataset.log'}); "
