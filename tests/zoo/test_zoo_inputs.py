@@ -225,3 +225,30 @@ def test_bad_url_lists(tmp_path, name, expected):
 def test_make_zoo_writes_every_file(tmp_path):
     made = make_zoo.make_all(tmp_path)
     assert made and all(p.is_file() for p in made)
+
+
+# --------------------------------------------------------------------------------- gates, fingerprints
+def test_skipped_share_gate_by_hand():
+    from kd3.runs import check_skipped
+
+    check_skipped(1, 100, 0.01, "pool", "score.max_skipped_fraction")  # 1 % is not more than 1 %
+    check_skipped(0, 0, 0.0, "pool", "score.max_skipped_fraction")  # nothing to read, nothing skipped
+    with pytest.raises(Kd3Error, match=r"pool: 2 of 100 inputs \(2.0%\) could not be read, more than "
+                                       r"score.max_skipped_fraction=0.01"):
+        check_skipped(2, 100, 0.01, "pool", "score.max_skipped_fraction")
+
+
+def test_recorded_outputs_are_compared_by_name_and_old_folders_pass(tmp_path):
+    import json
+
+    from kd3.runs import check_outputs
+
+    (tmp_path / "download").mkdir()
+    meta = tmp_path / "download" / "meta.json"
+    meta.write_text(json.dumps({"status": "complete"}))
+    check_outputs(tmp_path, "download", {"shards": {"00000": "tar 10"}}, "score")  # written by an older kd3
+    meta.write_text(json.dumps({"status": "complete", "outputs": {"shards": {"00000": "tar 10", "00001": "tar 5"}}}))
+    check_outputs(tmp_path, "download", {"shards": {"00000": "tar 10", "00001": "tar 5"}}, "score")
+    with pytest.raises(RunFolderError, match=r"score: the outputs of .*download changed after it finished "
+                                             r"\(shards.00001: truncated, replaced or deleted\)"):
+        check_outputs(tmp_path, "download", {"shards": {"00000": "tar 10", "00001": "tar 3"}}, "score")
