@@ -26,7 +26,7 @@ from kd3 import layout
 from kd3.config import PipelineConfig
 from kd3.data.images import normalize
 from kd3.data.pixel_cache import PoolPixels
-from kd3.data.shards import ShardImages, image_loader, list_shards
+from kd3.data.shards import ShardImages, check_shards_unchanged, image_loader, list_shards
 from kd3.data.score_cache import require_score
 from kd3.errors import Kd3Error
 from kd3.methods.averaging_tracker import TrainingAverages
@@ -67,6 +67,7 @@ def check(cfg: PipelineConfig, run_dir: Path) -> dict[str, str]:
     inputs = {cfg.train.output: stage_input_fingerprint(run_dir, cfg.train.output)}
     if cfg.average.bn_recompute:
         require_score(run_dir, f"{NAME} (average.bn_recompute)")
+        check_shards_unchanged(run_dir, f"{NAME} (average.bn_recompute)")  # BN statistics come from pool images
         inputs["score"] = stage_input_fingerprint(run_dir, layout.SCORE)
     return inputs
 
