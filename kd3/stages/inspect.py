@@ -21,12 +21,11 @@ from typing import Any
 
 from kd3 import layout
 from kd3.config import PipelineConfig
-from kd3.data.score_cache import require_score
 from kd3.inspect.manifests import SELECT_MANIFEST, TRAIN_DIR, find_manifests, listing_fingerprint
 from kd3.inspect.report import build_report
 from kd3.inspect.summary import warning_lines
 from kd3.inspect.truth import TruthSettings, url_list_path
-from kd3.runs import META_NAME, StageDir, stage_input_fingerprint
+from kd3.runs import META_NAME, StageDir, require_complete, stage_input_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +42,7 @@ def _train_name(cfg: PipelineConfig) -> str:
 
 
 def check(cfg: PipelineConfig, run_dir: Path) -> dict[str, str]:
-    require_score(run_dir, NAME)
+    require_complete(run_dir, layout.SCORE, NAME)  # its meta only: inspect reads manifests, not the cache
     refs = find_manifests(run_dir, _train_name(cfg))  # raises with the stages to run when there is none
     inputs = {"score": stage_input_fingerprint(run_dir, layout.SCORE)}
     if (run_dir / SELECT_MANIFEST).is_file():
