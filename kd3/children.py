@@ -14,6 +14,7 @@ import multiprocessing
 import os
 import signal
 import threading
+import time
 from typing import Any, Callable
 
 from kd3.errors import Kd3Error
@@ -23,7 +24,8 @@ WATCH_EVERY = 0.2
 
 
 def _watch_parent(parent_pid: int) -> None:
-    while not threading.Event().wait(WATCH_EVERY):
+    while True:
+        time.sleep(WATCH_EVERY)
         if os.getppid() != parent_pid:  # re-parented: the stage process is gone
             os.killpg(0, signal.SIGKILL)
 

@@ -239,13 +239,16 @@ def open_stage(run_dir: Path, stage: str, config: dict[str, Any], config_fingerp
     return out
 
 
-def check_outputs(run_dir: Path, stage: str, current: dict[str, Any], needed_by: str) -> None:
+def check_outputs(run_dir: Path, stage: str, current: dict[str, Any], needed_by: str,
+                  optional: tuple[str, ...] = ()) -> None:
     """Refuse, naming what changed, when ``stage``'s output files differ from what it recorded in its
     meta.json ``outputs`` when it finished (files truncated, replaced or deleted since). Stage
-    folders written before kd3 recorded outputs are not checked."""
+    folders written before kd3 recorded outputs are not checked; ``optional`` outputs (caches the
+    readers can do without) may be deleted, not changed."""
     recorded = (read_meta(Path(run_dir) / stage) or {}).get("outputs")
     if recorded is None:
         return
+    recorded = {k: v for k, v in recorded.items() if k in current or k not in optional}
     changed = _diff_keys(recorded, current)
     if changed:
         raise RunFolderError(

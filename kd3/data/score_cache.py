@@ -67,6 +67,8 @@ def _stack_list_column(table: pa.Table, name: str) -> torch.Tensor:
 
 #: the score stage's output files, fingerprinted in its meta.json ``outputs``
 SCORE_FILES = (layout.SCORE_CACHE, layout.PIXEL_CACHE, layout.PIXEL_CHANNELS, layout.FEATURE_MAP_CACHE)
+#: the caches later stages do without (they decode the images, run the teacher): deleting one is fine
+OPTIONAL_SCORE_FILES = SCORE_FILES[1:]
 
 
 def score_output_fingerprints(score_dir: Path) -> dict[str, str]:
@@ -96,7 +98,8 @@ def require_score(run_dir: Path, needed_by: str) -> dict:
     if not cache.is_file():
         raise Kd3Error(f"{needed_by} needs the score cache {cache}, which is missing (the score stage says it "
                        "finished); redo it with `kd3 score --overwrite`")
-    check_outputs(run_dir, layout.SCORE, score_output_fingerprints(Path(run_dir) / layout.SCORE), needed_by)
+    check_outputs(run_dir, layout.SCORE, score_output_fingerprints(Path(run_dir) / layout.SCORE), needed_by,
+                  optional=OPTIONAL_SCORE_FILES)
     return meta
 
 

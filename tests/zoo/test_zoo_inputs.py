@@ -252,3 +252,17 @@ def test_recorded_outputs_are_compared_by_name_and_old_folders_pass(tmp_path):
     with pytest.raises(RunFolderError, match=r"score: the outputs of .*download changed after it finished "
                                              r"\(shards.00001: truncated, replaced or deleted\)"):
         check_outputs(tmp_path, "download", {"shards": {"00000": "tar 10", "00001": "tar 3"}}, "score")
+
+
+def test_optional_outputs_may_be_deleted_not_changed(tmp_path):
+    import json
+
+    from kd3.runs import check_outputs
+
+    (tmp_path / "score").mkdir()
+    (tmp_path / "score" / "meta.json").write_text(json.dumps({"outputs": {"cache": "10 bytes", "pixels": "4 bytes"}}))
+    check_outputs(tmp_path, "score", {"cache": "10 bytes"}, "train", optional=("pixels",))
+    with pytest.raises(RunFolderError, match=r"\(pixels: "):
+        check_outputs(tmp_path, "score", {"cache": "10 bytes", "pixels": "3 bytes"}, "train", optional=("pixels",))
+    with pytest.raises(RunFolderError, match=r"\(cache: "):
+        check_outputs(tmp_path, "score", {"pixels": "4 bytes"}, "train", optional=("pixels",))
