@@ -21,6 +21,7 @@ EPILOG = """\
 Overrides are dotted config keys, e.g. `train.epochs=3 run.device=cpu`; values are YAML.
 A stage refuses a non-empty output folder unless --resume (continue an unfinished stage, or reuse a
 finished one with the same config and inputs) or --overwrite (start it over) is given.
+A running stage locks its folder: a second kd3 on it is refused, naming the holder's PID and host.
 """
 
 
@@ -60,7 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
         mode = p.add_mutually_exclusive_group()
         mode.add_argument("--overwrite", action="store_true", help="delete this stage's output folder and redo it")
         mode.add_argument("--resume", action="store_true", help="continue an unfinished stage or reuse a finished one")
-        p.add_argument("--dry-run", action="store_true", help="validate config and inputs, then stop")
+        p.add_argument("--dry-run", action="store_true", help="run the stage's input checks only (config, device, "
+                       "files, checkpoints, upstream outputs) and write nothing; exit 0, or 2 with the error")
     p = sub.add_parser("validate", help="validate a pipeline config without running anything; says which stages it "
                        "has the sections for", parents=[flags])
     _add_common(p)

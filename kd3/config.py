@@ -231,6 +231,9 @@ class ScoreSection(Section):
     feature_map_cache: bool = True
     #: largest map cached, in values per image (4096 = 16 KB per image on disk)
     feature_map_cache_max_floats: int = Field(default=4096, ge=1)
+    #: fail instead of finishing when more than this share of the downloaded samples cannot be read
+    #: (undecodable images, a truncated shard): a cache of a fraction of the pool is not a result
+    max_skipped_fraction: float = Field(default=0.01, ge=0, le=1)
 
 
 class SelectSection(Section):
@@ -422,6 +425,8 @@ class EvaluateSection(Section):
     #: agreement and KL on the distillation data: this many pool samples (chosen by uid hash), the
     #: score cache's teacher logits against each student's logits; 0: off; None: the whole pool
     distillation_samples: Optional[int] = Field(default=2000, ge=0)
+    #: fail when more than this share of an evaluation set's images cannot be decoded
+    max_skipped_fraction: float = Field(default=0.01, ge=0, le=1)
 
     @field_validator("datasets")
     @classmethod
@@ -605,7 +610,9 @@ class PipelineConfig(Section):
 
 #: keys that change how fast a stage runs, not what it computes; ignored by resume checks
 RUNTIME_KEYS = {"num_workers", "processes_count", "thread_count", "batch_size_eval",
-                "pixel_cache", "pixel_cache_max_side", "feature_map_cache", "feature_map_cache_max_floats"}
+                "pixel_cache", "pixel_cache_max_side", "feature_map_cache", "feature_map_cache_max_floats",
+                # a gate on how much unreadable input is tolerated: raising it lets a failed stage resume
+                "max_skipped_fraction"}
 
 #: keys added after run folders had been written: at these values they leave the fingerprint
 #: unchanged, so a finished or interrupted stage from before still resumes (any other value counts)

@@ -18,10 +18,16 @@ class RunFolderError(Kd3Error):
 def load_error_reason(exc: BaseException) -> str:
     """One line from a torch.load failure: the refused class for pickled objects, else the first line."""
     text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))  # torch's message carries terminal bold codes
-    refused = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+    refused = re.search(r"unsupported (?:global: )?GLOBAL ([\w.]+)", text, re.IGNORECASE)
     if refused:
         return (f"it contains a pickled {refused.group(1)} object, and arbitrary objects are never unpickled "
                 "(torch.load weights_only=True)")
+    if text.startswith("Weights only load failed"):
+        # torch's advice (re-run with weights_only=False) is exactly what kd3 never does; keep its diagnosis only
+        detail = re.search(r"WeightsUnpickler error:\s*(.+?)\s*(?:\n\n|$)", text, re.DOTALL)
+        what = f" ({' '.join(detail.group(1).split())})" if detail else ""
+        return (f"it holds pickled data that a weights-only load refuses{what}, and arbitrary objects are never "
+                "unpickled (torch.load weights_only=True)")
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     if not lines:
         return type(exc).__name__

@@ -15,7 +15,8 @@ RUN/evaluate/  report.json, report.md, reliability_<dataset>.png
 RUN/inspect/   index.html, summary.*, plots/, sheets/
 RUN/prepare-teacher/  teacher.pt (generic teacher), metrics.jsonl, students/<pool member>.pt
 ```
-Every stage folder also holds ``meta.json`` and ``stage.log``.
+Every stage folder also holds ``meta.json`` and ``stage.log``; beside each is ``RUN/.<stage>.lock``,
+the lock a running stage holds (:func:`kd3.runs.stage_lock`).
 """
 
 from __future__ import annotations

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import errno
+import fcntl
 import hashlib
 import io
 import json
@@ -90,6 +92,16 @@ def file_fingerprint(path: str | Path, chunk: int = 1 << 20) -> str:
         for block in iter(lambda: fh.read(chunk), b""):
             digest.update(block)
     return digest.hexdigest()[:16]
+
+
+def check_skipped(skipped: int, total: int, max_fraction: float, what: str, key: str) -> None:
+    """Fail (Kd3Error) when more than ``max_fraction`` of ``total`` inputs were skipped: a stage that
+    silently dropped a large share of its input would report a result on data it never read."""
+    from kd3.errors import Kd3Error
+
+    if total and skipped / total > max_fraction:
+        raise Kd3Error(f"{what}: {skipped} of {total} inputs ({skipped / total:.1%}) could not be read, more than "
+                       f"{key}={max_fraction:g}; check the files (truncated or corrupt?) or raise {key}")
 
 
 def _package_versions() -> dict[str, str]:
@@ -180,6 +192,9 @@ def open_stage(run_dir: Path, stage: str, config: dict[str, Any], config_fingerp
     """Apply the overwrite/resume policy to ``run_dir/stage`` and write the initial meta.json."""
     out = StageDir(Path(run_dir), stage, config, config_fingerprint, dict(inputs))
     path = out.path
+    if path.is_symlink() and mode == "overwrite":
+        raise RunFolderError(f"{path} is a symbolic link (to {os.readlink(path)}); --overwrite never deletes through "
+                             "a link: remove the link, or pass the run folder it points into as --run-dir")
     non_empty = path.exists() and any(path.iterdir())
     if non_empty and mode is None:
         old = read_meta(path)
@@ -225,6 +240,55 @@ def open_stage(run_dir: Path, stage: str, config: dict[str, Any], config_fingerp
     }
     out.write_meta()
     return out
+
+
+def check_outputs(run_dir: Path, stage: str, current: dict[str, Any], needed_by: str,
+                  optional: tuple[str, ...] = ()) -> None:
+    """Refuse, naming what changed, when ``stage``'s output files differ from what it recorded in its
+    meta.json ``outputs`` when it finished (files truncated, replaced or deleted since). Stage
+    folders written before kd3 recorded outputs are not checked; ``optional`` outputs (caches the
+    readers can do without) may be deleted, not changed."""
+    recorded = (read_meta(Path(run_dir) / stage) or {}).get("outputs")
+    if recorded is None:
+        return
+    recorded = {k: v for k, v in recorded.items() if k in current or k not in optional}
+    changed = _diff_keys(recorded, current)
+    if changed:
+        raise RunFolderError(
+            f"{needed_by}: the outputs of {Path(run_dir) / stage} changed after it finished "
+            f"({', '.join(changed[:5])}{' …' if len(changed) > 5 else ''}: truncated, replaced or deleted); "
+            f"redo it with `kd3 {stage} --overwrite` (then the stages after it)")
+
+
+def stage_lock_path(run_dir: Path, stage: str) -> Path:
+    """``RUN/.<stage>.lock``: beside the stage folder, so --overwrite can delete the folder under the lock."""
+    return Path(run_dir) / f".{stage}.lock"
+
+
+@contextlib.contextmanager
+def stage_lock(run_dir: Path, stage: str) -> Iterator[Path]:
+    """Hold an exclusive OS lock (flock) on ``run_dir/stage`` for the block; a second process is refused.
+
+    The kernel drops the lock when the holder exits, however it exits (kill -9 included), so a crashed
+    stage never leaves a stale lock. The file holds the holder's PID and host, for the refusal message.
+    """
+    path = stage_lock_path(run_dir, stage)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                raise
+            holder = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip() or "a process that is starting"
+            raise RunFolderError(f"{Path(run_dir) / stage} is in use by another kd3 process ({holder}); wait for "
+                                 f"it to finish or stop it, then rerun (lock file {path})") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on host {socket.gethostname()}, since {_now()}\n".encode(), 0)
+        yield path
+    finally:
+        os.close(fd)  # releases the lock; the file stays (unlinking it would race with a waiting process)
 
 
 def stage_input_fingerprint(run_dir: Path, stage: str) -> str:

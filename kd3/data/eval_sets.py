@@ -76,6 +76,23 @@ def shard_paths(path: Path) -> list[Path]:
     return found
 
 
+def check_tar(path: Path) -> None:
+    """A Kd3Error naming ``path`` when it is not a complete tar file (truncated, corrupt). Reads the
+    member headers only (tarfile seeks over the data), so it is cheap before any work."""
+    import tarfile
+
+    try:
+        with tarfile.open(path, "r:") as tar:
+            for _ in tar:
+                pass
+            # cut at a member boundary, a tar reads as complete; only the end-of-archive blocks say otherwise
+            if path.stat().st_size < tar.offset + 2 * tarfile.BLOCKSIZE:
+                raise tarfile.ReadError("no end-of-archive marker")
+    except (tarfile.TarError, EOFError, OSError) as exc:
+        raise Kd3Error(f"{path}: not a complete tar file ({exc}); it is truncated or corrupt: copy or "
+                       "create it again") from None
+
+
 def fingerprint(path: Path, fmt: str = "auto") -> str:
     """Identify an evaluation set for resume checks: the file's content hash (.npz), else the names,
     sizes and modification times of its files (hashing whole image folders would be slow)."""
@@ -135,7 +152,14 @@ class NpzEvalSet(EvalSet):
             raise Kd3Error(f"{path}: {exc}") from None
         if len(labels) != len(self.images):
             raise Kd3Error(f"{path}: {len(self.images)} images but {len(labels)} labels")
-        self.labels = torch.from_numpy(np.asarray(labels).astype(np.int64))
+        labels = np.asarray(labels)
+        if labels.dtype == bool or labels.dtype.kind not in "iu":
+            shown = ", ".join(str(v) for v in labels.reshape(-1)[:3])
+            raise Kd3Error(f"{path}: labels must be integer class indices, got dtype {labels.dtype} ({shown} …); "
+                           "kd3 never rounds or truncates labels: store them as integers")
+        if labels.ndim != 1:
+            raise Kd3Error(f"{path}: labels must be one class index per image (shape [N]), got shape {labels.shape}")
+        self.labels = torch.from_numpy(labels.astype(np.int64))
         if len(self.labels) and (int(self.labels.min()) < 0 or int(self.labels.max()) >= num_classes):
             raise Kd3Error(f"{path}: labels outside 0..{num_classes - 1}")
         self.size = len(self.labels)

@@ -19,11 +19,27 @@ from kd3.models.spec import InputSpec
 _LUMA = torch.tensor([0.299, 0.587, 0.114]).view(3, 1, 1)
 
 
+def _grey_uint8(img: Image.Image) -> np.ndarray:
+    """A single-channel image of any depth → uint8, scaled, never clipped: 16-bit (I;16*) maps
+    0..65535 onto 0..255 (round(v / 257)); 32-bit integer or float images (modes I, F) have no
+    declared range, so they are taken as 8-bit only when every value is in 0..255, else refused."""
+    if img.mode in ("1", "L"):
+        return np.asarray(img.convert("L"))
+    values = np.asarray(img)
+    if img.mode.startswith("I;16"):
+        return ((values.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
+    if values.size and (values.min() < 0 or values.max() > 255):
+        raise ValueError(f"mode {img.mode} image with values {values.min()}..{values.max()}: its range is not "
+                         "declared, and kd3 does not clip or guess it; save it as an 8- or 16-bit image")
+    return np.rint(values).astype(np.uint8)
+
+
 def decode_image(data: bytes) -> torch.Tensor:
-    """Encoded bytes → uint8 [C, H, W] with C = 1 (grey) or 3 (RGB). Raises on undecodable bytes."""
+    """Encoded bytes → uint8 [C, H, W] with C = 1 (grey) or 3 (RGB). Raises on undecodable bytes
+    and on images whose values cannot be brought to 8 bits without clipping (see :func:`_grey_uint8`)."""
     with Image.open(io.BytesIO(data)) as img:
-        img = img.convert("L") if img.mode in ("1", "L", "I", "I;16", "F") else img.convert("RGB")
-        array = np.asarray(img)
+        grey = img.mode in ("1", "L", "F") or img.mode.startswith("I")
+        array = _grey_uint8(img) if grey else np.asarray(img.convert("RGB"))
     tensor = torch.from_numpy(array.copy())
     return tensor.unsqueeze(0) if tensor.ndim == 2 else tensor.permute(2, 0, 1)
 
@@ -66,6 +82,9 @@ def as_nchw_uint8(images: np.ndarray) -> torch.Tensor:
         return tensor.unsqueeze(1)
     if tensor.ndim == 4 and tensor.shape[-1] in (1, 3) and tensor.shape[1] not in (1, 3):
         return tensor.permute(0, 3, 1, 2).contiguous()
-    if tensor.ndim == 4:
+    if tensor.ndim == 4 and tensor.shape[1] in (1, 3):
         return tensor
+    if tensor.ndim == 4:
+        raise ValueError(f"images of shape {tuple(tensor.shape)} have neither 1 nor 3 channels (on axis 1 or the "
+                         "last axis); drop the alpha channel of RGBA images (images[..., :3]) or convert to grey")
     raise ValueError(f"images must have 3 or 4 dimensions, got shape {tuple(tensor.shape)}")

@@ -21,7 +21,7 @@ from kd3 import layout
 from kd3.data.pixel_cache import PoolPixels
 from kd3.errors import Kd3Error
 from kd3.models.spec import ModelMeta
-from kd3.runs import require_complete
+from kd3.runs import check_outputs, require_complete
 
 
 @dataclass
@@ -63,6 +63,44 @@ def _stack_list_column(table: pa.Table, name: str) -> torch.Tensor:
     if width * len(column) != len(values):
         raise Kd3Error(f"score cache column {name!r} has rows of different lengths; rerun `kd3 score --overwrite`")
     return torch.from_numpy(values.astype("float32", copy=True).reshape(len(column), width))
+
+
+#: the score stage's output files, fingerprinted in its meta.json ``outputs``
+SCORE_FILES = (layout.SCORE_CACHE, layout.PIXEL_CACHE, layout.PIXEL_CHANNELS, layout.FEATURE_MAP_CACHE)
+#: the caches later stages do without (they decode the images, run the teacher): deleting one is fine
+OPTIONAL_SCORE_FILES = SCORE_FILES[1:]
+
+
+def score_output_fingerprints(score_dir: Path) -> dict[str, str]:
+    """Size of each score output (and the cache's row count, from its parquet footer); absent ones
+    are left out. A truncated or unreadable cache is a Kd3Error."""
+    found = {}
+    for name in SCORE_FILES:
+        path = Path(score_dir) / name
+        if not path.is_file():
+            continue
+        found[name] = f"{path.stat().st_size} bytes"
+        if name == layout.SCORE_CACHE:
+            try:
+                rows = pq.ParquetFile(path).metadata.num_rows
+            except Exception as exc:  # pyarrow raises several types for a damaged file
+                raise Kd3Error(f"{path}: unreadable score cache ({type(exc).__name__}: {exc}); "
+                               "redo it with `kd3 score --overwrite`") from None
+            found[name] += f", {rows} rows"
+    return found
+
+
+def require_score(run_dir: Path, needed_by: str) -> dict:
+    """The meta of ``run_dir``'s finished score stage, after checking its cache is there, readable and
+    the one score wrote (before any work of ``needed_by``)."""
+    meta = require_complete(Path(run_dir), layout.SCORE, needed_by)
+    cache = layout.score_cache(run_dir)
+    if not cache.is_file():
+        raise Kd3Error(f"{needed_by} needs the score cache {cache}, which is missing (the score stage says it "
+                       "finished); redo it with `kd3 score --overwrite`")
+    check_outputs(run_dir, layout.SCORE, score_output_fingerprints(Path(run_dir) / layout.SCORE), needed_by,
+                  optional=OPTIONAL_SCORE_FILES)
+    return meta
 
 
 def load_teacher_outputs(run_dir: Path, needed_by: str = "this stage") -> TeacherOutputs:

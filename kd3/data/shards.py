@@ -20,9 +20,11 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from kd3.data.images import decode_image, match_channels, prepare_uint8
 from kd3.data.pixel_cache import PoolPixels
+from kd3 import layout
 from kd3.data.tars import TarFormatError, TarReadStats, iter_samples
 from kd3.errors import Kd3Error
 from kd3.models.spec import InputSpec
+from kd3.runs import check_outputs, file_fingerprint, require_complete
 
 log = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
@@ -49,6 +51,28 @@ def read_download_index(download_dir: Path, columns: Optional[list[str]] = None)
     if not frames:
         raise Kd3Error(f"no per-shard parquet files in {shards_dir(download_dir)}; run `kd3 download` first")
     return pd.concat(frames, ignore_index=True)
+
+
+def shard_fingerprints(download_dir: Path) -> dict[str, str]:
+    """Per shard: the tar's size and the content hashes of its per-shard parquet and stats json (the
+    tars are not hashed: they are the bulk of a download). Recorded by download in meta.json
+    ``outputs`` and compared by every stage that reads the shards (:func:`check_shards_unchanged`)."""
+    folder = shards_dir(download_dir)
+    stems = sorted({p.name.split(".")[0].removesuffix("_stats") for p in folder.glob("*")
+                    if p.suffix in (".tar", ".parquet", ".json")})
+    found = {}
+    for stem in stems:
+        tar, parquet, stats = folder / f"{stem}.tar", folder / f"{stem}.parquet", folder / f"{stem}_stats.json"
+        found[stem] = " ".join([f"tar {tar.stat().st_size if tar.is_file() else 'missing'}",
+                                f"parquet {file_fingerprint(parquet) if parquet.is_file() else 'missing'}",
+                                f"stats {file_fingerprint(stats) if stats.is_file() else 'missing'}"])
+    return found
+
+
+def check_shards_unchanged(run_dir: Path, needed_by: str) -> None:
+    """The download stage of ``run_dir`` finished, and its shards are the ones it wrote."""
+    require_complete(Path(run_dir), layout.DOWNLOAD, needed_by)
+    check_outputs(run_dir, layout.DOWNLOAD, {"shards": shard_fingerprints(Path(run_dir) / layout.DOWNLOAD)}, needed_by)
 
 
 class _SkipCounter:

@@ -8,7 +8,6 @@ shortened uid and the confidence the selection used.
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
@@ -16,6 +15,7 @@ from typing import Optional, Sequence
 import pandas as pd
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
+from kd3.data.images import decode_image
 from kd3.inspect.manifests import ManifestRef, columns_of, iter_batches, prediction_columns
 from kd3.inspect.tars import find_samples, image_entry
 from kd3.runs import atomic_path
@@ -106,10 +106,10 @@ def pick_tiles(ref: ManifestRef, classes: Sequence[int], top_n: int, bottom_n: i
 
 def thumbnail(data: bytes, size: int) -> Image.Image:
     """Encoded image → RGB square of ``size`` (aspect kept, padded); tiny images are enlarged crisply."""
-    with Image.open(io.BytesIO(data)) as img:
-        img = img.convert("RGB")
-        resample = Image.Resampling.NEAREST if max(img.size) * 2 <= size else Image.Resampling.LANCZOS
-        return ImageOps.pad(img, (size, size), method=resample, color=(40, 40, 40))
+    pixels = decode_image(data).permute(1, 2, 0).numpy()  # kd3's one decoder: 16-bit scaled, not clipped
+    img = Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels).convert("RGB")
+    resample = Image.Resampling.NEAREST if max(img.size) * 2 <= size else Image.Resampling.LANCZOS
+    return ImageOps.pad(img, (size, size), method=resample, color=(40, 40, 40))
 
 
 def load_thumbnails(shards_dir: Path, rows: pd.DataFrame, size: int) -> dict[str, Optional[Image.Image]]:

@@ -11,6 +11,7 @@ them) become a kd3 checkpoint with :func:`import_state_dict` (`kd3 import-checkp
 from __future__ import annotations
 
 import argparse
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -58,7 +59,9 @@ def _safe_torch_load(path: Path, what: str, allow: Sequence[type] = ()) -> Any:
     if not path.is_file():
         raise Kd3Error(f"{what} not found: {path}")
     try:
-        with torch.serialization.safe_globals(list(allow)):
+        # warnings.catch_warnings: torch warns about pickle protocols of files it then refuses anyway
+        with torch.serialization.safe_globals(list(allow)), warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle errors come in many types; the message is what matters
         raise Kd3Error(f"{path}: not loadable as a plain-weights file: {load_error_reason(exc)}; "

@@ -26,13 +26,14 @@ from kd3 import layout
 from kd3.config import PipelineConfig
 from kd3.data.images import normalize
 from kd3.data.pixel_cache import PoolPixels
-from kd3.data.shards import ShardImages, image_loader, list_shards
+from kd3.data.shards import ShardImages, check_shards_unchanged, image_loader, list_shards
+from kd3.data.score_cache import require_score
 from kd3.errors import Kd3Error
 from kd3.methods.averaging_tracker import TrainingAverages
 from kd3.models import InputSpec, ModelMeta, build_model, read_checkpoint, save_checkpoint
 from kd3.models.checkpoints import load_state_dict_strict
 from kd3.progress import Progress
-from kd3.runs import StageDir, read_meta, require_complete, stage_input_fingerprint
+from kd3.runs import StageDir, read_meta, stage_input_fingerprint
 from kd3.runtime import configure
 
 log = logging.getLogger(__name__)
@@ -65,7 +66,8 @@ def check(cfg: PipelineConfig, run_dir: Path) -> dict[str, str]:
                        "empty); set averaging.modes (e.g. [wakd, sma]) and retrain with `kd3 train --overwrite`")
     inputs = {cfg.train.output: stage_input_fingerprint(run_dir, cfg.train.output)}
     if cfg.average.bn_recompute:
-        require_complete(run_dir, layout.SCORE, f"{NAME} (average.bn_recompute)")
+        require_score(run_dir, f"{NAME} (average.bn_recompute)")
+        check_shards_unchanged(run_dir, f"{NAME} (average.bn_recompute)")  # BN statistics come from pool images
         inputs["score"] = stage_input_fingerprint(run_dir, layout.SCORE)
     return inputs
 

@@ -5,10 +5,14 @@ on; or ``sections(cfg)`` when they depend on the config, e.g. the training objec
 ``run(cfg, out: StageDir) -> dict`` (does the work, returns counts for meta.json). A stage whose
 output folder name is configurable also defines ``output_name(cfg)``. A stage whose result is one
 file (a report) returns its path as ``counts["output"]``; it is printed as the last line.
-A stage that reads a config section outside its ``SECTIONS`` (a batch size, say) lists it in ``READS``.
-Under torchrun (:mod:`kd3.dist`) rank 0 checks the inputs, opens the folder and writes meta.json and
-the stage log; a stage with ``DISTRIBUTED = True`` then runs on every rank (splitting its work by
-rank), any other stage on rank 0 alone.
+A stage that reads a config section outside its ``SECTIONS`` (a batch size, say) lists it in ``READS``;
+one that never runs a model sets ``USES_DEVICE = False`` (else ``run.device`` is checked first).
+``check`` reads every input the stage will read (files, checkpoints, upstream outputs and their
+integrity): it runs before the output folder is opened or deleted, and is all ``--dry-run`` does.
+The folder is locked (:func:`kd3.runs.stage_lock`) from before it is opened until the stage ends.
+Under torchrun (:mod:`kd3.dist`) rank 0 checks the inputs, takes the lock, opens the folder and
+writes meta.json and the stage log; a stage with ``DISTRIBUTED = True`` then runs on every rank
+(splitting its work by rank), any other stage on rank 0 alone.
 
 A stage needs only the config sections it reads; one of them missing from the config is a one-line
 error before any work. Each stage appends its log to ``RUN/<stage>/stage.log`` (:mod:`kd3.logs`).
@@ -16,6 +20,7 @@ error before any work. Each stage appends its log to ``RUN/<stage>/stage.log`` (
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shlex
 import time
@@ -29,7 +34,7 @@ from kd3.config import PipelineConfig
 from kd3.errors import ConfigError
 from kd3.logs import FILE_ONLY, stage_log
 from kd3.models.user_code import allow_user_code
-from kd3.runs import Mode, StageDir, open_stage
+from kd3.runs import Mode, StageDir, open_stage, stage_lock
 from kd3.runtime import resolve_device
 
 log = logging.getLogger(__name__)
@@ -67,11 +72,10 @@ def execute(stage: ModuleType, cfg: PipelineConfig, run_dir: Path, mode: Mode,
 
 def _execute(stage: ModuleType, cfg: PipelineConfig, run_dir: Path, mode: Mode,
              argv: list[str] | None, dry_run: bool) -> dict[str, Any]:
-    require_sections(cfg, stage)
     if dist.world_from_env().size > 1:  # one process never resolves the device here (download needs none)
         dist.init(resolve_device(cfg.run.device).type)
     # under torchrun rank 0 checks and opens the folder; the other ranks get its decisions (or its error)
-    inputs = dist.main_decides(lambda: stage.check(cfg, run_dir))
+    inputs = dist.main_decides(lambda: validate(stage, cfg, run_dir))
     folder = stage.output_name(cfg) if hasattr(stage, "output_name") else stage.NAME
     if dry_run:
         log.info(f"[{stage.NAME}] dry run: config and inputs valid; would write {run_dir / folder}")
@@ -79,13 +83,27 @@ def _execute(stage: ModuleType, cfg: PipelineConfig, run_dir: Path, mode: Mode,
     names = stage.sections(cfg) if hasattr(stage, "sections") else stage.SECTIONS
     config = {name: cfg.section(name) for name in names}
     config["run"] = cfg.section("run")
-    out = dist.main_decides(lambda: open_stage(run_dir, folder, config, cfg.fingerprint(*names), inputs, mode, argv))
-    if not dist.is_main():
-        # a stage without DISTRIBUTED = True runs on rank 0 alone; the others have nothing to do
-        return _run(stage, cfg, out) if getattr(stage, "DISTRIBUTED", False) else {}
-    command = shlex.join(argv) if argv else f"kd3 {stage.NAME}"
-    with stage_log(out.path / layout.STAGE_LOG, f"---- {command} ({'resumed' if out.resumed else 'started'})"):
-        return _run(stage, cfg, out)
+    # the lock before the folder policy: a second process must not delete or resume a running stage;
+    # under torchrun rank 0 holds it for every rank
+    with contextlib.ExitStack() as held:
+        dist.main_decides(lambda: held.enter_context(stage_lock(run_dir, folder)) and None)
+        out = dist.main_decides(lambda: open_stage(run_dir, folder, config, cfg.fingerprint(*names), inputs, mode,
+                                                   argv))
+        if not dist.is_main():
+            # a stage without DISTRIBUTED = True runs on rank 0 alone; the others have nothing to do
+            return _run(stage, cfg, out) if getattr(stage, "DISTRIBUTED", False) else {}
+        command = shlex.join(argv) if argv else f"kd3 {stage.NAME}"
+        with stage_log(out.path / layout.STAGE_LOG, f"---- {command} ({'resumed' if out.resumed else 'started'})"):
+            return _run(stage, cfg, out)
+
+
+def validate(stage: ModuleType, cfg: PipelineConfig, run_dir: Path) -> dict[str, str]:
+    """Every check that needs no output folder (config sections, the device, the stage's inputs), so a
+    bad input fails before anything is created or deleted; ``--dry-run`` runs exactly this."""
+    require_sections(cfg, stage)
+    if getattr(stage, "USES_DEVICE", True):
+        resolve_device(cfg.run.device)
+    return stage.check(cfg, run_dir)
 
 
 def _run(stage: ModuleType, cfg: PipelineConfig, out: StageDir) -> dict[str, Any]:

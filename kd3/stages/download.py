@@ -21,18 +21,19 @@ import os
 import sys
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import pandas as pd
 
 from kd3 import layout
+from kd3.children import run_in_group
 from kd3.config import PipelineConfig, require_file, resolve_path
+from kd3.data.crawl_guard import GuardLimits, crawl_guard, guard_reason, proxied_environment
 from kd3.data.demo import PORT_PLACEHOLDER
 from kd3.data.loopback import LOOPBACK, serve_directory
-from kd3.data.crawl_guard import GuardLimits, crawl_guard, guard_reason, proxied_environment
-from kd3.data.manifest import UrlList, read_url_list
+from kd3.data.manifest import read_url_list
+from kd3.data.shards import canonicalize_shard, read_download_index, shard_fingerprints, shards_dir
 from kd3.data.urls import AddressPolicy, parse_networks
-from kd3.data.shards import canonicalize_shard, read_download_index, shards_dir
 from kd3.errors import ConfigError, Kd3Error
 from kd3.progress import Progress
 from kd3.runs import StageDir, atomic_path, capture_stdout, file_fingerprint
@@ -42,6 +43,8 @@ log = logging.getLogger(__name__)
 NAME = "download"
 SUMMARY = "fetch the URL list with img2dataset into webdataset shards (+ per-shard parquet)"
 SECTIONS = ("download",)
+#: the stage never runs a model, so run.device is not checked for it
+USES_DEVICE = False
 
 
 def _url_list_path(cfg: PipelineConfig) -> Path:
@@ -51,6 +54,8 @@ def _url_list_path(cfg: PipelineConfig) -> Path:
 def check(cfg: PipelineConfig, run_dir: Path) -> dict[str, str]:
     url_list = require_file(cfg, "download.url_list", _url_list_path(cfg),
                             "write one with `kd3 demo-data` or point download.url_list at your URL list")
+    read_url_list(url_list, cfg.download.url_column, cfg.download.caption_column,
+                  port_placeholder=PORT_PLACEHOLDER)  # its columns and URLs, before the folder is touched
     if cfg.download.serve_root is not None:
         if not resolve_path(cfg.download.serve_root, run_dir).is_dir():
             raise ConfigError(f"{cfg.source}: download.serve_root: folder not found: {cfg.download.serve_root} "
@@ -122,15 +127,16 @@ def _bar_into(buffer):
     return contextlib.nullcontext() if sys.stderr.isatty() else contextlib.redirect_stderr(buffer)
 
 
-def _download(cfg: PipelineConfig, resolved: Path, out_dir: Path, urls: UrlList) -> str:
+def _download(cfg: PipelineConfig, resolved: Path, out_dir: Path, caption_column: Optional[str],
+              extra_columns: list[str]) -> str:
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations otherwise calls home
     from img2dataset import download
 
     d = cfg.download
     with capture_stdout() as printed, _bar_into(printed):
         download(
-            url_list=str(resolved), input_format="parquet", url_col="url", caption_col=urls.caption_column,
-            save_additional_columns=urls.extra_columns, output_format="webdataset", output_folder=str(out_dir),
+            url_list=str(resolved), input_format="parquet", url_col="url", caption_col=caption_column,
+            save_additional_columns=extra_columns, output_format="webdataset", output_folder=str(out_dir),
             image_size=d.image_size, resize_mode=d.resize_mode, encode_format=d.encode_format,
             encode_quality=d.resolved_encode_quality, processes_count=d.processes_count, thread_count=d.thread_count,
             number_sample_per_shard=d.number_sample_per_shard, timeout=d.timeout, retries=d.retries,
@@ -146,6 +152,11 @@ def _guard(cfg: PipelineConfig):
     return crawl_guard(AddressPolicy(parse_networks(d.allow_networks)),
                        GuardLimits(max_pixels=d.max_pixels, max_bytes=d.max_bytes, deadline=d.deadline,
                                    timeout=d.timeout))
+
+
+def _download_to_log(cfg: PipelineConfig, resolved: Path, out_dir: Path, caption_column: Optional[str],
+                     extra_columns: list[str], log_path: Path) -> None:
+    log_path.write_text(_download(cfg, resolved, out_dir, caption_column, extra_columns))
 
 
 def run(cfg: PipelineConfig, out: StageDir) -> dict[str, Any]:
@@ -190,16 +201,18 @@ def run(cfg: PipelineConfig, out: StageDir) -> dict[str, Any]:
         log.info(f"[{NAME}] downloading {len(frame)} URLs into {n_shards} shard(s) with img2dataset "
                  f"through the crawl guard at {guard.url} …")
         with _shard_progress(out_dir, len(frame)):
-            log_text = _download(cfg, resolved_path, out_dir, urls)
+            # in a child process group, so img2dataset's workers die with this stage (kill -9 included)
+            run_in_group("img2dataset", _download_to_log, cfg, resolved_path, out_dir, urls.caption_column,
+                         list(urls.extra_columns), out.path / "img2dataset.log")
         resolved_path.unlink(missing_ok=True)
         guard_counts = dict(sorted(guard.counts.items()))
-    (out.path / "img2dataset.log").write_text(log_text)
     done = len(list(out_dir.glob("*_stats.json")))
     if done < n_shards:
         raise Kd3Error(f"img2dataset finished {done}/{n_shards} shards in {out_dir} (see {out.path / 'img2dataset.log'}); "
                        f"rerun with --resume to fetch the rest")
     for shard in sorted(out_dir.glob("*.tar")):
         canonicalize_shard(shard)  # deterministic sample order, whatever order downloads finished in
+    out.write_meta(outputs={"shards": shard_fingerprints(out.path)})  # later stages refuse changed shards
     index = read_download_index(out.path, columns=["uid", "url", "status", "error_message"])
     # report template URLs (stable, port-free) so later stages and manifests never show a dead port
     index["url"] = index["uid"].map(dict(zip(frame["uid"], frame["url"])))

@@ -27,14 +27,14 @@ import torch
 from kd3 import layout
 from kd3.config import PipelineConfig, require_file, resolve_path
 from kd3.data import eval_sets, subsets
-from kd3.data.score_cache import load_teacher_outputs
+from kd3.data.score_cache import load_teacher_outputs, require_score
 from kd3.data.shards import list_shards
 from kd3.errors import ConfigError, Kd3Error
 from kd3.inference import batch_logits, pool_logits
 from kd3.methods.fidelity import fidelity_report, per_class_accuracy, reliability_bins
-from kd3.models import check_checkpoint_code, load_model, read_checkpoint
+from kd3.models import ModelMeta, check_checkpoint_code, load_model, read_checkpoint
 from kd3.progress import Progress
-from kd3.runs import StageDir, atomic_path, atomic_write_json, atomic_write_text, file_fingerprint, read_meta
+from kd3.runs import StageDir, atomic_path, atomic_write_json, atomic_write_text, check_skipped, file_fingerprint, read_meta
 from kd3.runs import stage_input_fingerprint
 
 log = logging.getLogger(__name__)
@@ -65,21 +65,32 @@ def check(cfg: PipelineConfig, run_dir: Path) -> dict[str, str]:
     if "teacher" in e.students:
         raise ConfigError(f"{cfg.source}: evaluate.students: the name 'teacher' is reserved for evaluate.teacher")
     inputs = {}
+    metas = {}
     for key, path in _checkpoints(cfg, run_dir).items():
         require_file(cfg, f"evaluate.{key}", path, "run the earlier stages first or fix the path")
         check_checkpoint_code(path)
+        metas[key] = ModelMeta.from_dict(read_checkpoint(path)["model"])
         inputs[key] = file_fingerprint(path)
-    class_names = read_checkpoint(_checkpoints(cfg, run_dir)["teacher"])["model"].get("class_names")
+        if metas[key].num_classes != metas["teacher"].num_classes:
+            raise Kd3Error(f"{path}: evaluate.{key} has {metas[key].num_classes} classes, the teacher "
+                           f"(evaluate.teacher) has {metas['teacher'].num_classes}")
+    class_names = list(metas["teacher"].class_names)
     for d in e.datasets:
         path = resolve_path(d.path, run_dir)
         try:
             kind = eval_sets.detect_format(path, d.format)
-            if kind == "folder" and class_names:
+            if kind == "folder":
                 eval_sets.class_folders(path, class_names)  # unknown class names fail before any work
+            elif kind == "npz":
+                eval_sets.NpzEvalSet(d.name, path, len(class_names))  # dtype, shape and label checks
+            else:
+                for shard in eval_sets.shard_paths(path):
+                    eval_sets.check_tar(shard)
             inputs[f"datasets.{d.name}"] = eval_sets.fingerprint(path, kind)
         except Kd3Error as exc:
             raise ConfigError(f"{cfg.source}: evaluate.datasets.{d.name}: {exc}") from None
     if _uses_pool(cfg, run_dir):
+        require_score(run_dir, NAME)
         inputs["score"] = stage_input_fingerprint(run_dir, layout.SCORE)
     return inputs
 
@@ -201,10 +212,7 @@ def run(cfg: PipelineConfig, out: StageDir) -> dict[str, Any]:
     class_names = list(teacher_meta.class_names)
     models = {"teacher": (teacher, teacher_meta)}
     for name in e.students:
-        model, meta, _ = load_model(paths[f"students.{name}"], device)
-        if meta.num_classes != teacher_meta.num_classes:
-            raise Kd3Error(f"{paths[f'students.{name}']}: {meta.num_classes} classes, the teacher has "
-                           f"{teacher_meta.num_classes}")
+        model, meta, _ = load_model(paths[f"students.{name}"], device)  # class counts were checked in check()
         models[name] = (model, meta)
     rows: list[dict[str, Any]] = []
     skipped: dict[str, int] = {}
@@ -241,6 +249,8 @@ def run(cfg: PipelineConfig, out: StageDir) -> dict[str, Any]:
         if data.skipped:
             skipped[d.name] = data.skipped
             log.warning(f"[{NAME}] warning: {d.name}: skipped {data.skipped} undecodable image(s)")
+            check_skipped(data.skipped, data.skipped + sum(len(part) for part in labels), e.max_skipped_fraction,
+                          f"evaluation set {d.name!r} ({data.path})", "evaluate.max_skipped_fraction")
         y = torch.cat(labels)
         z = {name: torch.cat(parts) for name, parts in logits.items()}
         mine = [_row(d.name, "teacher", z["teacher"], y, class_names, None, e.ece_bins)]

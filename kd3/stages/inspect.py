@@ -32,6 +32,8 @@ log = logging.getLogger(__name__)
 NAME = "inspect"
 SUMMARY = "summary tables, plots, per-class contact sheets and an HTML report of the selection manifests"
 SECTIONS = ("inspect",)
+#: the stage never runs a model, so run.device is not checked for it
+USES_DEVICE = False
 
 
 def _train_name(cfg: PipelineConfig) -> str:
@@ -40,7 +42,7 @@ def _train_name(cfg: PipelineConfig) -> str:
 
 
 def check(cfg: PipelineConfig, run_dir: Path) -> dict[str, str]:
-    require_complete(run_dir, layout.SCORE, NAME)
+    require_complete(run_dir, layout.SCORE, NAME)  # its meta only: inspect reads manifests, not the cache
     refs = find_manifests(run_dir, _train_name(cfg))  # raises with the stages to run when there is none
     inputs = {"score": stage_input_fingerprint(run_dir, layout.SCORE)}
     if (run_dir / SELECT_MANIFEST).is_file():

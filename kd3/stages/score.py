@@ -25,13 +25,14 @@ from kd3 import dist, layout
 from kd3.config import PipelineConfig, require_file, resolve_path
 from kd3.data.images import normalize
 from kd3.data.pixel_cache import stack_padded
-from kd3.data.score_cache import fixed_list
-from kd3.data.shards import ShardImages, image_loader, list_shards, read_download_index
+from kd3.data.score_cache import fixed_list, score_output_fingerprints
+from kd3.data.shards import (ShardImages, check_shards_unchanged, image_loader, list_shards, read_download_index,
+                             shards_dir)
 from kd3.errors import Kd3Error
 from kd3.methods.ood import batchnorm_layers, bn_scores_or_none
 from kd3.models import ModelMeta, check_checkpoint_code, load_model
 from kd3.progress import Progress
-from kd3.runs import StageDir, atomic_path, file_fingerprint, require_complete, stage_input_fingerprint
+from kd3.runs import StageDir, atomic_path, check_skipped, file_fingerprint, stage_input_fingerprint
 from kd3.runtime import configure
 
 log = logging.getLogger(__name__)
@@ -44,10 +45,11 @@ DISTRIBUTED = True
 
 
 def check(cfg: PipelineConfig, run_dir: Path) -> dict[str, str]:
-    require_complete(run_dir, layout.DOWNLOAD, NAME)
+    check_shards_unchanged(run_dir, NAME)
     teacher = require_file(cfg, "score.teacher", resolve_path(cfg.score.teacher, run_dir),
                            "run `kd3 demo-data` or point score.teacher at a kd3 teacher checkpoint")
     check_checkpoint_code(teacher)
+    load_model(teacher, "cpu")  # weights that do not fit, pickled objects …: before the folder is touched
     return {"download": stage_input_fingerprint(run_dir, layout.DOWNLOAD), "teacher": file_fingerprint(teacher)}
 
 
@@ -221,6 +223,8 @@ def run(cfg: PipelineConfig, out: StageDir) -> dict[str, Any]:
     urls = pd.read_parquet(run_dir / layout.DOWNLOAD / layout.URL_LIST, columns=["uid", "url"])
     index["url"] = index["uid"].map(dict(zip(urls["uid"], urls["url"])))
     merged = index.merge(scored, on="uid", how="inner", validate="one_to_one")
+    check_skipped(len(index) - len(merged), len(index), cfg.score.max_skipped_fraction,
+                  f"[{NAME}] {shards_dir(run_dir / layout.DOWNLOAD)}", "score.max_skipped_fraction")
     # rows in (shard, key) order: the cache, and every per-row index built on it, is then the same
     # for two downloads of the same URL list
     merged = merged.sort_values(["shard", "key"], kind="stable").reset_index(drop=True)
@@ -232,6 +236,7 @@ def run(cfg: PipelineConfig, out: StageDir) -> dict[str, Any]:
     with atomic_path(out.path / layout.SCORE_CACHE) as tmp:
         merged[columns].to_parquet(tmp, index=False)
     shutil.rmtree(parts)
+    out.write_meta(outputs=score_output_fingerprints(out.path))  # later stages refuse a changed cache
     per_class = merged["teacher_label"].value_counts().sort_index()
     log.info(f"[{NAME}] scored {len(merged)} samples; teacher mean confidence {merged['teacher_conf'].mean():.3f}")
     if not has_bn:

@@ -21,13 +21,13 @@ from kd3 import layout
 from kd3.config import PipelineConfig, require_file, resolve_path
 from kd3.data.exclusions import exclude_inputs, excluded_mask
 from kd3.data.manifest import selection_manifest
-from kd3.data.score_cache import load_teacher_outputs
-from kd3.data.shards import list_shards
+from kd3.data.score_cache import load_teacher_outputs, require_score
+from kd3.data.shards import check_shards_unchanged, list_shards
 from kd3.errors import Kd3Error
 from kd3.inference import pool_logits
 from kd3.methods.selectors import SELECTORS, SelectionInputs, run_selector
 from kd3.models import check_checkpoint_code, load_model
-from kd3.runs import StageDir, atomic_path, file_fingerprint, require_complete, stage_input_fingerprint
+from kd3.runs import StageDir, atomic_path, file_fingerprint, stage_input_fingerprint
 from kd3.runtime import configure
 
 log = logging.getLogger(__name__)
@@ -41,13 +41,14 @@ STANDALONE_EPOCH = -1
 
 
 def check(cfg: PipelineConfig, run_dir: Path) -> dict[str, str]:
-    require_complete(run_dir, layout.SCORE, NAME)
+    require_score(run_dir, NAME)
     inputs = {"score": stage_input_fingerprint(run_dir, layout.SCORE), **exclude_inputs(cfg, "select.exclude", run_dir)}
     selector = SELECTORS.get(cfg.select.selector)
     if selector.needs_student(cfg.selector_params(selector.name)):
         student = require_file(cfg, "select.student", resolve_path(cfg.select.student, run_dir),
                                "train a student first or point select.student at a kd3 student checkpoint")
         check_checkpoint_code(student)
+        check_shards_unchanged(run_dir, NAME)  # the student runs over the pool's images
         inputs["student"] = file_fingerprint(student)
     return inputs
 

@@ -28,10 +28,13 @@ from pathlib import Path
 from typing import Any
 
 from kd3 import dist, layout
-from kd3.config import PipelineConfig
+from kd3.config import PipelineConfig, resolve_path
 from kd3.data.exclusions import exclude_inputs
+from kd3.data.score_cache import require_score
+from kd3.data.shards import check_shards_unchanged
+from kd3.errors import Kd3Error
 from kd3.models import read_checkpoint
-from kd3.runs import StageDir, read_jsonl, require_complete, stage_input_fingerprint
+from kd3.runs import StageDir, file_fingerprint, read_jsonl, stage_input_fingerprint
 from kd3.runtime import configure
 from kd3.training.build import build_trainer, config_sections
 from kd3.training.objectives import check_objective
@@ -59,12 +62,25 @@ def output_name(cfg: PipelineConfig) -> str:
 
 
 def check(cfg: PipelineConfig, run_dir: Path) -> dict[str, str]:
-    require_complete(run_dir, layout.SCORE, NAME)
+    score_meta = require_score(run_dir, NAME)
+    check_shards_unchanged(run_dir, NAME)
+    _check_cached_teacher(cfg, run_dir, score_meta)
     check_objective(cfg, run_dir)
     from kd3.models import MODELS
 
     MODELS.get(cfg.train.student.arch)  # fail before any work on an unknown architecture
     return {"score": stage_input_fingerprint(run_dir, layout.SCORE), **exclude_inputs(cfg, "train.exclude", run_dir)}
+
+
+def _check_cached_teacher(cfg: PipelineConfig, run_dir: Path, score_meta: dict[str, Any]) -> None:
+    """score.teacher must still be the checkpoint whose logits the score stage cached: the cache and
+    (for KD³) the loaded teacher would otherwise be two different teachers."""
+    teacher = resolve_path(cfg.score.teacher, run_dir)
+    cached = score_meta.get("inputs", {}).get("teacher")
+    if cached and teacher.is_file() and file_fingerprint(teacher) != cached:
+        raise Kd3Error(f"score.teacher {teacher} is not the teacher whose outputs {run_dir / layout.SCORE} cached "
+                       f"(checkpoint fingerprint {file_fingerprint(teacher)}, cached {cached}); point score.teacher "
+                       "back at that checkpoint, or redo the score stage with `kd3 score --overwrite`")
 
 
 def run(cfg: PipelineConfig, out: StageDir) -> dict[str, Any]:
