@@ -118,7 +118,7 @@ def test_overwrite_refuses_a_symlinked_stage_folder(tmp_path):
 
 def test_dry_run_reads_the_url_list(tmp_path, capsys):
     lists = make_zoo.url_lists(tmp_path)
-    for name in ("empty", "reserved"):
+    for name in ("empty", "no_url"):
         code = main(["download", "--config", str(DEMO), "--run-dir", str(tmp_path / "run"), "--dry-run",
                      f"download.url_list={lists[name]}", "download.serve_root=null"])
         assert code == 2, name
@@ -214,12 +214,18 @@ def test_bool_for_a_number_override_is_refused_but_bools_stay_bools():
     assert load_config(DEMO, ["run.deterministic=false"]).run.deterministic is False
 
 
-@pytest.mark.parametrize("name, expected", [("empty", "empty"), ("blank", "empty"), ("reserved", "reserved"),
-                                            ("no_url", "no 'url' column")])
+@pytest.mark.parametrize("name, expected", [("empty", r"no http\(s\) URL"), ("blank", r"no http\(s\) URL"),
+                                            ("no_url", "no 'url' or 'URL' column")])
 def test_bad_url_lists(tmp_path, name, expected):
     path = make_zoo.url_lists(tmp_path)[name]
     with pytest.raises(Kd3Error, match=expected):
         read_url_list(path)
+
+
+def test_reserved_columns_are_kept_aside_not_passed_to_img2dataset(tmp_path):
+    """img2dataset refuses lists carrying its own column names: kd3 keeps them in url_list.parquet only."""
+    urls = read_url_list(make_zoo.url_lists(tmp_path)["reserved"])
+    assert "status" in urls.frame.columns and "status" not in urls.extra_columns
 
 
 def test_make_zoo_writes_every_file(tmp_path):
