@@ -55,18 +55,25 @@ TARGETS = {1: (">=", 0.85), "1b": (">=", 0.85), 2: ("<=", 0.6), 3: ("<=", 2.2), 
 
 
 # ------------------------------------------------------------------------------------------ helpers
+# A stage's peak RSS is read by a small launcher process, not by this one: on Linux a child's
+# ru_maxrss starts from its parent's high-water mark at fork (it survives exec), so children of this
+# process, which holds the pool's images and models, would all report at least its own peak.
+_LAUNCHER = ("import os, subprocess, sys; p = subprocess.Popen(sys.argv[1:]); _, s, u = os.wait4(p.pid, 0); "
+             "print(f'perf-maxrss-kb {u.ru_maxrss}', flush=True); sys.exit(os.waitstatus_to_exitcode(s))")
+
+
 def kd3_stage(stage: str, run_dir: Path, *overrides: str) -> tuple[float, float]:
     """Run ``kd3 <stage>`` in a child process; (wall seconds, peak RSS in MB) of that child alone."""
     cmd = [sys.executable, "-m", "kd3.cli", stage, "--config", str(CONFIG), "--run-dir", str(run_dir),
            "--overwrite", "run.num_threads=1", *OVERRIDES, *overrides]
     start = time.perf_counter()
-    child = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    output = child.stdout.read()
-    _, status, usage = os.wait4(child.pid, 0)
+    done = subprocess.run([sys.executable, "-c", _LAUNCHER, *cmd], cwd=ROOT, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT)
     seconds = time.perf_counter() - start
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"perf: `{' '.join(cmd)}` failed:\n{output.decode(errors='replace')[-3000:]}")
-    return seconds, usage.ru_maxrss / 1024  # ru_maxrss is in KiB on Linux
+    output = done.stdout.decode(errors="replace")
+    if done.returncode != 0:
+        raise SystemExit(f"perf: `{' '.join(cmd)}` failed:\n{output[-3000:]}")
+    return seconds, int(re.findall(r"perf-maxrss-kb (\d+)", output)[-1]) / 1024  # KiB on Linux
 
 
 def ensure_base(run_dir: Path) -> None:
