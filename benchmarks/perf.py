@@ -148,6 +148,21 @@ def machine() -> str:
 
 
 # --------------------------------------------------------------------------------------- measures
+def score_vs_forward(model, meta: ModelMeta, shards: list[Path], batch_size: int, num_workers: int,
+                     device: torch.device, repeats: int) -> tuple[int, float, torch.Tensor, list[torch.Tensor], float]:
+    """The score stage's per-shard pass over ``shards`` vs the model alone on the same images decoded
+    beforehand: (samples scored, stage seconds, the decoded images, their normalised batches, forward
+    seconds; ``repeats`` as :func:`timed`)."""
+    start = time.perf_counter()
+    n_scored = sum(teacher_pass(model, meta, s, batch_size, num_workers, device).num_rows for s in shards)
+    t_stage = time.perf_counter() - start
+    images = torch.cat([b["image"] for b in image_loader(ShardImages(shards, meta.input), batch_size, 0)])
+    batches = [normalize(images[i:i + batch_size].to(device), meta.input) for i in range(0, len(images), batch_size)]
+    with torch.inference_mode():
+        t_fwd = timed(lambda: [model(x) for x in batches], repeats)
+    return n_scored, t_stage, images, batches, t_fwd
+
+
 def measure_compute(base: Path, device: torch.device, repeats: int) -> dict[int, tuple[str, float]]:
     """Targets 1–4 on the base run (real demo shards, real models, the real engine)."""
     cfg = load_config(CONFIG, ["run.num_threads=1", "averaging.modes=[]", *OVERRIDES])
@@ -155,26 +170,16 @@ def measure_compute(base: Path, device: torch.device, repeats: int) -> dict[int,
     shards = list_shards(base / layout.DOWNLOAD)
     bs = cfg.score.batch_size
     # 1: the score stage's per-shard pass vs the teacher alone on the same images, decoded beforehand
-    start = time.perf_counter()
-    n_scored = sum(teacher_pass(teacher, meta, s, bs, cfg.score.num_workers, device).num_rows for s in shards)
-    t_stage = time.perf_counter() - start
-    images = torch.cat([b["image"] for b in image_loader(ShardImages(shards, meta.input), bs, 0)])
-    batches = [normalize(images[i:i + bs].to(device), meta.input) for i in range(0, len(images), bs)]
-    with torch.inference_mode():
-        t_fwd = timed(lambda: [teacher(x) for x in batches], 1)
+    n_scored, t_stage, images, batches, t_fwd = score_vs_forward(teacher, meta, shards, bs, cfg.score.num_workers,
+                                                                 device, repeats=1)
     out = {1: (f"{n_scored / t_stage:,.0f} img/s from shards vs {len(images) / t_fwd:,.0f} in memory", t_fwd / t_stage)}
     # 1b: the same ratio for a teacher of the size kd3 is meant for (CIFAR ResNet-18 at 32 px, RGB;
     # untrained: its speed does not depend on its weights), on the first shard of the same pool
     rn_meta = ModelMeta("cifar_resnet18", {}, 10, [str(i) for i in range(10)],
                         InputSpec(32, 3, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)))
     rn = build_model("cifar_resnet18", 10, 3).to(device).eval()
-    start = time.perf_counter()
-    n_rn = teacher_pass(rn, rn_meta, shards[0], bs, cfg.score.num_workers, device).num_rows
-    t_rn_stage = time.perf_counter() - start
-    rn_images = torch.cat([b["image"] for b in image_loader(ShardImages(shards[:1], rn_meta.input), bs, 0)])
-    rn_batches = [normalize(rn_images[i:i + bs].to(device), rn_meta.input) for i in range(0, len(rn_images), bs)]
-    with torch.inference_mode():
-        t_rn_fwd = timed(lambda: [rn(x) for x in rn_batches], 0)
+    n_rn, t_rn_stage, rn_images, _, t_rn_fwd = score_vs_forward(rn, rn_meta, shards[:1], bs, cfg.score.num_workers,
+                                                                device, repeats=0)
     out["1b"] = (f"ResNet-18 teacher, 32 px: {n_rn / t_rn_stage:,.0f} img/s from shards vs "
                  f"{len(rn_images) / t_rn_fwd:,.0f} in memory", t_rn_fwd / t_rn_stage)
 

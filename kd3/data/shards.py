@@ -18,9 +18,9 @@ import pandas as pd
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from kd3 import layout
 from kd3.data.images import decode_image, match_channels, prepare_uint8
 from kd3.data.pixel_cache import PoolPixels
-from kd3 import layout
 from kd3.data.tars import TarFormatError, TarReadStats, iter_samples
 from kd3.errors import Kd3Error
 from kd3.models.spec import InputSpec
