@@ -18,7 +18,9 @@ from __future__ import annotations
 import logging
 import math
 import random
+import re
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Optional
@@ -183,7 +185,11 @@ class Trainer:
             sums, extras, seen = _merge_epoch_sums(sums, extras, seen)
             data.weights = dist.merge_rows(data.weights)
         lr = self.optimizer.param_groups[0]["lr"]
-        self.scheduler.step()
+        with warnings.catch_warnings():
+            # resumed after the epoch's last step, this process has no optimiser step before the
+            # schedule's (restored) epoch step: torch's ordering warning does not apply
+            warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()` before"))
+            self.scheduler.step()
         record.update({name: total / max(seen, 1) for name, total in sums.items()})
         trained = ~torch.isnan(data.weights)
         if trained.any():
