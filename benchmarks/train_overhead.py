@@ -107,7 +107,7 @@ def main() -> None:
           f"{times['kd3_no_tcon'] / t_raw:.2f}x")
     print(f"KD³ step, pipeline default (+ KL term)     {times['kd3'] * 1e3:8.2f} ms   {times['kd3'] / t_raw:.2f}x")
     print(f"epoch loader, read+decode+resize per batch {t_load * 1e3:8.2f} ms   {t_load / t_raw:.2f}x  "
-          f"({n_load} batches, num_workers={kd3.num_workers})")
+          f"({n_load} batches, num_workers={kd3.workers.num_workers})")
     print(f"KD³ pool pass + selection per image        {t_pool * 1e6:8.1f} µs   {t_pool / t_fwd:.2f}x "
           "a raw student forward per image (PNG decoding included)")
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
@@ -45,6 +45,14 @@ class RunSection(Section):
     #: checkpoints of this run may name (e.g. the teacher's); kd3 imports user code only when it is
     #: listed here or is train.student.arch, never because a checkpoint says so (docs/models.md)
     user_code: list[str] = Field(default_factory=list)
+    #: autocast precision of model forwards (score, train, the pool pass, evaluate): "auto" = bf16 on a
+    #: CUDA device that has it, else fp16 (gradient scaling when training); fp32 on the CPU
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    #: models (with 2-D convolutions) and image batches in channels_last memory format; "auto": on CUDA
+    channels_last: Union[Literal["auto"], bool] = "auto"
+    #: DataLoader batches in page-locked memory, copied to the GPU without blocking; "auto": on CUDA
+    #: (there is nothing to pin for without one)
+    pin_memory: Union[Literal["auto"], bool] = "auto"
 
     @field_validator("user_code")
     @classmethod
@@ -212,11 +220,28 @@ class DownloadSection(Section):
         return 3 if self.encode_format == "png" else 95
 
 
-class ScoreSection(Section):
+class LoaderSection(Section):
+    """A stage's DataLoader workers (decoding images from the shards)."""
+
+    num_workers: int = Field(default=0, ge=0)
+    #: keep the workers alive between passes over one loader (torch's persistent_workers)
+    persistent_workers: bool = False
+    #: batches each worker prepares ahead (torch's prefetch_factor); None: torch's default (2)
+    prefetch_factor: Optional[int] = Field(default=None, ge=1)
+
+    @model_validator(mode="after")
+    def _worker_options_need_workers(self) -> "LoaderSection":
+        for key, value in (("prefetch_factor", self.prefetch_factor is not None),
+                           ("persistent_workers", self.persistent_workers)):
+            if value and self.num_workers == 0:
+                raise ValueError(f"{key} applies to loader workers only: set num_workers > 0 or leave {key} unset")
+        return self
+
+
+class ScoreSection(LoaderSection):
     #: a kd3 teacher checkpoint
     teacher: str
     batch_size: int = Field(default=256, ge=1)
-    num_workers: int = Field(default=0, ge=0)
     #: BN in-domain score (teachers with BatchNorm): per-channel deviation d(z) = z² ("squared") or |z|
     bn_distance: Literal["squared", "absolute"] = "absolute"
     #: BN in-domain score: weight of the per-channel variance term beside the mean term (0: mean only)
@@ -258,7 +283,7 @@ class InputOverride(Section):
     std: Optional[list[float]] = None
 
 
-class TrainSection(Section):
+class TrainSection(LoaderSection):
     student: ModelSpec = Field(default_factory=lambda: ModelSpec(arch="small_cnn", options={"widths": [8, 16, 32], "convs_per_stage": 1}))
     #: the student's input size/channels/mean/std; unset keys take the teacher's (its checkpoint metadata)
     student_input: InputOverride = Field(default_factory=InputOverride)
@@ -283,7 +308,9 @@ class TrainSection(Section):
     step_milestones: list[float] = Field(default_factory=lambda: [0.625, 0.75, 0.875])
     #: KD temperature τ of every KL(p_T‖p_S) term (plain KD, KD³'s optional KL term)
     temperature: float = Field(default=4.0, gt=0)
-    num_workers: int = Field(default=0, ge=0)
+    #: also write a resumable mid-epoch checkpoint (resume.pt) every this many optimiser steps, for a
+    #: node that dies without a signal; 0: only on SIGTERM / SIGUSR1 (kd3.training.preemption)
+    checkpoint_every_steps: int = Field(default=0, ge=0)
     #: loss terms added to any objective: "nd" (norm and direction, METHODS.md §4)
     extra_losses: list[Literal["nd"]] = Field(default_factory=list)
     #: ND: weight λ of L_ND in the total loss
@@ -609,7 +636,8 @@ class PipelineConfig(Section):
 
 
 #: keys that change how fast a stage runs, not what it computes; ignored by resume checks
-RUNTIME_KEYS = {"num_workers", "processes_count", "thread_count", "batch_size_eval",
+RUNTIME_KEYS = {"num_workers", "persistent_workers", "prefetch_factor", "checkpoint_every_steps",
+                "processes_count", "thread_count", "batch_size_eval",
                 "pixel_cache", "pixel_cache_max_side", "feature_map_cache", "feature_map_cache_max_floats",
                 # a gate on how much unreadable input is tolerated: raising it lets a failed stage resume
                 "max_skipped_fraction"}

@@ -54,6 +54,9 @@ SELECTION_DIR = "selection"
 VALIDATION = "validation.parquet"
 METRICS = "metrics.jsonl"
 LAST_CHECKPOINT = "last.pt"
+#: train's mid-epoch resume point (on a stop signal or every train.checkpoint_every_steps), removed
+#: once the epoch it is in has finished
+MID_EPOCH_CHECKPOINT = "resume.pt"
 #: prepare-teacher's outputs: the generic teacher checkpoint and the folder of extracted pool students
 GENERIC_TEACHER = "teacher.pt"
 POOL_STUDENTS = "students"

@@ -10,8 +10,9 @@ from __future__ import annotations
 import json
 import logging
 import random
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping, Optional
+from typing import Any, Iterable, Iterator, Mapping, Optional, Union
 
 import numpy as np
 import pandas as pd
@@ -279,15 +280,38 @@ class BatchCollate:
         return batch
 
 
-def image_loader(dataset: ShardImages, batch_size: int, num_workers: int) -> Iterable[dict[str, Any]]:
+@dataclass(frozen=True)
+class LoaderOptions:
+    """How a DataLoader decodes: worker processes and their options, pinned batches (for CUDA)."""
+
+    num_workers: int = 0
+    pin_memory: bool = False
+    #: keep the workers between passes over the loader (torch's ``persistent_workers``)
+    persistent_workers: bool = False
+    #: batches each worker prepares ahead; None: torch's default
+    prefetch_factor: Optional[int] = None
+
+    def dataloader_kwargs(self) -> dict[str, Any]:
+        """The DataLoader's keyword arguments; the worker options only with workers (torch refuses
+        them otherwise; the config refuses them first, kd3.config.LoaderSection)."""
+        kwargs: dict[str, Any] = {"num_workers": self.num_workers, "pin_memory": self.pin_memory}
+        if self.num_workers > 0:
+            kwargs["persistent_workers"] = self.persistent_workers
+            if self.prefetch_factor is not None:
+                kwargs["prefetch_factor"] = self.prefetch_factor
+        return kwargs
+
+
+def image_loader(dataset: ShardImages, batch_size: int, workers: Union[int, LoaderOptions]) -> Iterable[dict[str, Any]]:
     """Batches of ``dataset``: read in bulk from the pixel cache when it has one (workers would add
-    nothing there; the order is then the one-process order), else decoded by a DataLoader and
-    prepared a batch at a time."""
+    nothing there; the order is then the one-process order), else decoded by a DataLoader (``workers``:
+    a worker count, or the full :class:`LoaderOptions`) and prepared a batch at a time."""
     if dataset.pixels is not None and not dataset.keep_decoded:
         return CachedBatches(dataset, batch_size)
+    options = workers if isinstance(workers, LoaderOptions) else LoaderOptions(num_workers=workers)
     dataset.defer_prepare = True
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
-                                       persistent_workers=False, collate_fn=BatchCollate(dataset))
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=BatchCollate(dataset),
+                                       **options.dataloader_kwargs())
 
 
 def canonicalize_shard(path: Path) -> int:

@@ -5,7 +5,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from kd3.methods.precision import float32_loss
 
+
+@float32_loss
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 4.0) -> torch.Tensor:
     r"""KL(p_T ‖ p_S) at temperature τ, times τ² (keeps gradient scale independent of τ).
 

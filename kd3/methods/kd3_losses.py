@@ -5,9 +5,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from kd3.methods.precision import float32_loss
+
 FEATURE_WEIGHT_MODES = ("sigmoid", "batch_normalised")
 
 
+@float32_loss
 def feature_weights(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mode: str = "sigmoid",
                     temperature: float = 1.0) -> torch.Tensor:
     """Per-sample weights w_i (METHODS.md §1c, §6 "sample weights are nearly constant"), detached.
@@ -31,6 +34,7 @@ def feature_weights(student_logits: torch.Tensor, teacher_logits: torch.Tensor, 
     return weights.detach()
 
 
+@float32_loss
 def weighted_feature_alignment(projected_student_map: torch.Tensor, teacher_map: torch.Tensor,
                                weights: torch.Tensor) -> torch.Tensor:
     """L_fa = (1/B) Σ_i w_i · m_i, m_i = mean over elements of (P(F_S,i) − F_T,i)² (METHODS.md §1c).
@@ -54,6 +58,7 @@ def weighted_feature_alignment(projected_student_map: torch.Tensor, teacher_map:
     return (weights.detach().to(per_sample.dtype) * per_sample).mean()
 
 
+@float32_loss
 def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.3) -> torch.Tensor:
     """SimCLR NT-Xent (METHODS.md §1d) between two views z1, z2 [B, D].
 

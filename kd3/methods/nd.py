@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from kd3.methods.precision import float32_loss
+
 
 def teacher_class_means(features: torch.Tensor, labels: torch.Tensor,
                         num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -38,6 +40,7 @@ def teacher_class_means(features: torch.Tensor, labels: torch.Tensor,
     return means.to(features.dtype), counts
 
 
+@float32_loss
 def nd_loss(student_embedding: torch.Tensor, teacher_feature: torch.Tensor, labels: torch.Tensor,
             class_means: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     """L_ND = (1/B) Σ_i [1 − ⟨f_s,i, c_y/‖c_y‖⟩ / max(‖f_s,i‖, ‖f_t,i‖)].

@@ -117,7 +117,7 @@ def bn_scores(model: nn.Module, x: torch.Tensor, distance: Distance = "squared",
 
     def hook(index: int, module: nn.BatchNorm2d):
         def record(_module, inputs, _output):
-            calls[index].append(layer_score(inputs[0], module.running_mean, module.running_var, module.eps,
+            calls[index].append(layer_score(inputs[0].float(), module.running_mean, module.running_var, module.eps,
                                             distance, variance_weight).cpu())
         return record
 

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from kd3 import layout
+from kd3.compute import Compute
 from kd3.config import PipelineConfig, require_file, resolve_path
 from kd3.data import eval_sets, subsets
 from kd3.data.score_cache import load_teacher_outputs, require_score
@@ -205,15 +206,16 @@ def run(cfg: PipelineConfig, out: StageDir) -> dict[str, Any]:
     from kd3.runtime import configure
 
     device = configure(cfg.run)
+    compute = Compute.from_config(cfg.run, device)
     e = cfg.evaluate
     run_dir = out.run_dir
     paths = _checkpoints(cfg, run_dir)
     teacher, teacher_meta, _ = load_model(paths["teacher"], device)
     class_names = list(teacher_meta.class_names)
-    models = {"teacher": (teacher, teacher_meta)}
+    models = {"teacher": (compute.model(teacher), teacher_meta)}
     for name in e.students:
         model, meta, _ = load_model(paths[f"students.{name}"], device)  # class counts were checked in check()
-        models[name] = (model, meta)
+        models[name] = (compute.model(model), meta)
     rows: list[dict[str, Any]] = []
     skipped: dict[str, int] = {}
     plots = []
@@ -242,7 +244,7 @@ def run(cfg: PipelineConfig, out: StageDir) -> dict[str, Any]:
         for images, y in data.batches(e.batch_size):
             labels.append(y)
             for name, (model, meta) in models.items():
-                logits[name].append(batch_logits(model, meta.input, images, device))
+                logits[name].append(batch_logits(model, meta.input, images, device, compute))
             progress.update(len(y))
         if not labels:
             raise Kd3Error(f"{data.path}: evaluation set {d.name!r} has no decodable image")
@@ -267,8 +269,8 @@ def run(cfg: PipelineConfig, out: StageDir) -> dict[str, Any]:
         shards = list_shards(run_dir / layout.DOWNLOAD)
         for name in e.students:
             model, meta = models[name]
-            z_s = pool_logits(model, meta.input, meta.num_classes, shards, uid_to_row, e.batch_size, 0, device,
-                              pixels, progress=progress)
+            z_s = pool_logits(model, meta.input, meta.num_classes, shards, uid_to_row, e.batch_size,
+                              compute.loader(0), device, pixels, progress=progress, compute=compute)
             distillation.append({"dataset": DISTILLATION, "model": name, "n": len(uid_to_row),
                                  **fidelity_report(z_s, z_t, None)})
     progress.close()

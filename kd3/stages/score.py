@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import shutil
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import numpy as np
 import pandas as pd
@@ -22,12 +22,12 @@ import pyarrow.parquet as pq
 import torch
 
 from kd3 import dist, layout
+from kd3.compute import Compute
 from kd3.config import PipelineConfig, require_file, resolve_path
-from kd3.data.images import normalize
 from kd3.data.pixel_cache import stack_padded
 from kd3.data.score_cache import fixed_list, score_output_fingerprints
-from kd3.data.shards import (ShardImages, check_shards_unchanged, image_loader, list_shards, read_download_index,
-                             shards_dir)
+from kd3.data.shards import (LoaderOptions, ShardImages, check_shards_unchanged, image_loader, list_shards,
+                             read_download_index, shards_dir)
 from kd3.errors import Kd3Error
 from kd3.methods.ood import batchnorm_layers, bn_scores_or_none
 from kd3.models import ModelMeta, check_checkpoint_code, load_model
@@ -53,31 +53,37 @@ def check(cfg: PipelineConfig, run_dir: Path) -> dict[str, str]:
     return {"download": stage_input_fingerprint(run_dir, layout.DOWNLOAD), "teacher": file_fingerprint(teacher)}
 
 
-@torch.no_grad()
-def teacher_pass(model, meta: ModelMeta, shard: Path, batch_size: int, num_workers: int,
+@torch.inference_mode()  # a frozen teacher in eval mode: outputs are stored, never differentiated
+def teacher_pass(model, meta: ModelMeta, shard: Path, batch_size: int, workers: Union[int, LoaderOptions],
                  device: torch.device, bn_distance: str = "squared", bn_variance_weight: float = 0.0,
                  decoded: Optional[list[torch.Tensor]] = None, maps: Optional[list[torch.Tensor]] = None,
-                 progress: Optional[Progress] = None) -> pa.Table:
+                 progress: Optional[Progress] = None, compute: Optional[Compute] = None) -> pa.Table:
     """One shard through the frozen teacher → a table of uid, predictions, logits, features and, for
     a teacher with BatchNorm, the BN in-domain score (overall and per layer; lower = more in-domain),
     all from the same forward pass. The decoded images and the teacher's feature maps are appended
-    to ``decoded`` and ``maps`` when given (in the table's row order), for the score stage's caches."""
-    loader = image_loader(ShardImages([shard], meta.input, keep_decoded=decoded is not None), batch_size, num_workers)
+    to ``decoded`` and ``maps`` when given (in the table's row order), for the score stage's caches.
+    ``compute``: the forward's precision and memory format (default: float32 on ``device``)."""
+    compute = compute or Compute(device=device)
+    loader = image_loader(ShardImages([shard], meta.input, keep_decoded=decoded is not None), batch_size, workers)
     uids, logits, features, bn, bn_layers = [], [], [], [], []
     for batch in loader:
         if decoded is not None:
             decoded += batch["decoded"]
-        x = normalize(batch["image"].to(device), meta.input)
+        x = compute.images(batch["image"], meta.input)
         captured = {}
-        scores = bn_scores_or_none(model, x, distance=bn_distance, variance_weight=bn_variance_weight,
-                                   forward=lambda m, inputs: captured.setdefault("out", m.extract(inputs)))
-        out = captured["out"] if scores is not None else model.extract(x)
+        with compute.autocast():
+            scores = bn_scores_or_none(model, x, distance=bn_distance, variance_weight=bn_variance_weight,
+                                       forward=lambda m, inputs: captured.setdefault("out", m.extract(inputs)))
+        if scores is None:
+            with compute.autocast():
+                captured["out"] = model.extract(x)
+        out = captured["out"]
         uids += list(batch["uid"])
         if progress is not None:
             progress.update(len(batch["uid"]))
         logits.append(out.logits.float().cpu())
         if maps is not None:
-            maps.append(out.feature_map.float().cpu())
+            maps.append(out.feature_map.float().cpu().contiguous())  # NCHW, also after channels_last
         features.append(out.pooled.float().cpu())
         if scores is not None:
             bn.append(scores.score)
@@ -184,8 +190,10 @@ def _write_caches(cfg: PipelineConfig, part_uids: pd.Series, row_uids: pd.Series
 
 def run(cfg: PipelineConfig, out: StageDir) -> dict[str, Any]:
     device = configure(cfg.run)
+    compute = Compute.from_config(cfg.run, device)
     run_dir = out.run_dir
     model, meta, _ = load_model(resolve_path(cfg.score.teacher, run_dir), device)
+    model = compute.model(model)
     out.write_meta(teacher=meta.to_dict())
     shards = list_shards(run_dir / layout.DOWNLOAD)
     parts = out.path / "parts"
@@ -202,8 +210,8 @@ def run(cfg: PipelineConfig, out: StageDir) -> dict[str, Any]:
         for shard in todo:
             decoded: Optional[list[torch.Tensor]] = [] if keep_pixels else None
             maps: Optional[list[torch.Tensor]] = [] if keep_maps else None
-            table = teacher_pass(model, meta, shard, cfg.score.batch_size, cfg.score.num_workers, device,
-                                 cfg.score.bn_distance, cfg.score.bn_variance_weight, decoded, maps, progress)
+            table = teacher_pass(model, meta, shard, cfg.score.batch_size, compute.section_loader(cfg.score), device,
+                                 cfg.score.bn_distance, cfg.score.bn_variance_weight, decoded, maps, progress, compute)
             if keep_pixels:
                 keep_pixels = _save_part_pixels(decoded, parts / f"{shard.stem}.pixels.npz",
                                                 cfg.score.pixel_cache_max_side)

@@ -16,8 +16,9 @@ Outputs in ``RUN/train/``: ``epoch_XXX.pt`` per epoch and ``last.pt`` (student w
 config), ``metrics.jsonl`` (one line per epoch) and ``selection/epoch_XXX.parquet`` (one row per
 pool sample with its selection). ``--resume`` continues after the last finished epoch with the
 same data order, selections and averages as an uninterrupted run. SIGTERM or SIGUSR1 stops the run
-after the step in progress with exit status 75 (:mod:`kd3.training.preemption`); ``--resume``
-redoes the interrupted epoch. Under torchrun the ranks share each step's batch (gradients
+after the optimiser step in progress, writes ``resume.pt`` (a mid-epoch checkpoint; also every
+``train.checkpoint_every_steps``) and exits with status 75 (:mod:`kd3.training.preemption`);
+``--resume`` continues with the next step, to the same final weights. Under torchrun the ranks share each step's batch (gradients
 all-reduced) and rank 0 writes everything.
 """
 
@@ -25,7 +26,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from kd3 import dist, layout
 from kd3.config import PipelineConfig, resolve_path
@@ -83,16 +84,32 @@ def _check_cached_teacher(cfg: PipelineConfig, run_dir: Path, score_meta: dict[s
                        "back at that checkpoint, or redo the score stage with `kd3 score --overwrite`")
 
 
+def resume_checkpoint(folder: Path) -> Optional[tuple[Path, dict[str, Any]]]:
+    """Where an interrupted run continues: ``resume.pt`` (mid-epoch) when it is ahead of ``last.pt``
+    (the last finished epoch), else ``last.pt``; None when neither exists. (A resume.pt behind
+    last.pt is one whose epoch finished before it could be removed.)"""
+    last, mid = folder / layout.LAST_CHECKPOINT, folder / layout.MID_EPOCH_CHECKPOINT
+    finished = read_checkpoint(last) if last.exists() else None
+    if mid.exists():
+        payload = read_checkpoint(mid)
+        if finished is None or payload["trainer"]["mid_epoch"]["epoch"] > finished["trainer"]["epoch"]:
+            return mid, payload
+    return (last, finished) if finished is not None else None
+
+
 def run(cfg: PipelineConfig, out: StageDir) -> dict[str, Any]:
     device = configure(cfg.run)
     t = cfg.train
     # under torchrun every rank trains (the same selection, its share of each batch); rank 0 alone
     # writes checkpoints, manifests and metrics
     trainer, held_out = build_trainer(cfg, out.run_dir, device, out.path if dist.is_main() else None, name=NAME)
-    last = out.path / layout.LAST_CHECKPOINT
-    if out.resumed and last.exists():
-        trainer.restore(read_checkpoint(last), str(last))
-        log.info(f"[{NAME}] resuming after epoch {trainer.start_epoch} from {last}")
+    resume_from = resume_checkpoint(out.path) if out.resumed else None
+    if resume_from is not None:
+        path, payload = resume_from
+        trainer.restore(payload, str(path))
+        mid = payload["trainer"].get("mid_epoch")
+        where = f"after step {mid['batches_done']} of epoch {mid['epoch'] + 1}" if mid else f"after epoch {trainer.start_epoch}"
+        log.info(f"[{NAME}] resuming {where} from {path}")
     extras = f", extra losses {'+'.join(t.extra_losses)}" if t.extra_losses else ""
     averaged = f", averaging {'+'.join(cfg.averaging.modes)}" if cfg.averaging.modes else ""
     held = f", {int(held_out.sum())} samples held out for SWAD" if held_out.any() else ""

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from kd3 import layout
+from kd3.compute import Compute
 from kd3.config import PipelineConfig
 from kd3.data import subsets
 from kd3.data.exclusions import excluded_mask
@@ -79,8 +80,11 @@ def build_trainer(cfg: PipelineConfig, run_dir: Path, device: torch.device, out_
     # build order fixes the initial weights (global RNG): student network, then the objective's parts
     backbone = build_model(t.student.arch, scores.teacher.num_classes, spec.channels, t.student.options,
                            image_size=spec.image_size)
-    built = build_objective(BuildContext(cfg, run_dir, scores, device, backbone, spec))
-    student, objective = built.student.to(device), built.objective.to(device)
+    compute = Compute.from_config(cfg.run, device)
+    built = build_objective(BuildContext(cfg, run_dir, scores, device, backbone, spec, compute))
+    # the objective holds the student: both on the device (channels_last where that is on)
+    objective = compute.model(built.objective)
+    student = compute.model(built.student)
     optimizer = torch.optim.SGD([p for p in objective.parameters() if p.requires_grad], lr=t.lr,
                                 momentum=t.momentum, weight_decay=t.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -94,7 +98,7 @@ def build_trainer(cfg: PipelineConfig, run_dir: Path, device: torch.device, out_
             raise Kd3Error(f"{cfg.source}: train.exclude lists every trainable pool sample; nothing is left to train on")
     source = SelectedPool(SELECTORS.get(t.selector), cfg.selector_params(t.selector), scores, shards,
                           None if eligible.all() else torch.from_numpy(eligible), cfg.run.seed,
-                          cfg.score.batch_size, t.num_workers, device)
+                          cfg.score.batch_size, compute.section_loader(t), device, compute)
     callbacks = []
     if cfg.averaging.modes:
         validation = None
@@ -114,7 +118,7 @@ def build_trainer(cfg: PipelineConfig, run_dir: Path, device: torch.device, out_
     config = {section: cfg.section(section) for section in config_sections(cfg)}
     trainer = Trainer(objective=objective, student=student, meta=built.meta, teacher_view=built.teacher_view,
                       optimizer=optimizer, scheduler=scheduler, source=source, scores=scores, shards=shards,
-                      epochs=t.epochs, batch_size=t.batch_size, num_workers=t.num_workers, seed=cfg.run.seed,
-                      device=device, callbacks=callbacks, state_extras={"config": config, "seed": cfg.run.seed},
+                      epochs=t.epochs, batch_size=t.batch_size, workers=compute.section_loader(t), seed=cfg.run.seed,
+                      device=device, compute=compute, checkpoint_every_steps=t.checkpoint_every_steps, callbacks=callbacks, state_extras={"config": config, "seed": cfg.run.seed},
                       name=name, min_selected=math.ceil(t.min_selected_fraction * int(eligible.sum())))
     return trainer, held_out

@@ -55,6 +55,9 @@ class Callback:
                      trainer_state: Callable[[], dict[str, Any]]) -> None:
         pass
 
+    def on_mid_epoch_checkpoint(self, trainer_state: dict[str, Any]) -> None:
+        """A resumable state in the middle of an epoch (after an optimiser step; kd3.training.preemption)."""
+
     def state_dict(self) -> Any:
         return None
 
@@ -92,11 +95,15 @@ class WeightAveraging(Callback):
         self.val_losses = []
 
     def state_dict(self) -> Any:
-        return map_tensors(self.averages.state_dict(), lambda v: v.detach().cpu())
+        state = map_tensors(self.averages.state_dict(), lambda v: v.detach().cpu())
+        # SWAD's validation losses of the epoch so far (empty at an epoch's end; a mid-epoch checkpoint's)
+        state["epoch_val_losses"] = list(self.val_losses)
+        return state
 
     def load_state_dict(self, state: Any) -> None:
         # back onto the training device, where the running averages are kept
         self.averages.load_state_dict(map_tensors(state, lambda v: v.to(self.device)))
+        self.val_losses = [float(v) for v in state.get("epoch_val_losses", [])]
 
 
 class SwadValidation:
@@ -164,7 +171,9 @@ class MetricsLog(Callback):
 
 
 class Checkpoints(Callback):
-    """``epoch_XXX.pt`` every epoch and ``last.pt`` (a copy): student weights + metadata + the trainer state."""
+    """``epoch_XXX.pt`` every epoch and ``last.pt`` (a copy): student weights + metadata + the trainer
+    state; ``resume.pt`` (the same, with the epoch's progress) when a mid-epoch checkpoint is asked
+    for, removed once ``last.pt`` is past it."""
 
     def __init__(self, folder: Path, student: torch.nn.Module, meta: ModelMeta):
         self.folder, self.student, self.meta = folder, student, meta
@@ -174,3 +183,7 @@ class Checkpoints(Callback):
         save_checkpoint(path, self.student, self.meta, trainer=trainer_state())
         with atomic_path(self.folder / layout.LAST_CHECKPOINT) as tmp:
             shutil.copyfile(path, tmp)
+        (self.folder / layout.MID_EPOCH_CHECKPOINT).unlink(missing_ok=True)
+
+    def on_mid_epoch_checkpoint(self, trainer_state) -> None:
+        save_checkpoint(self.folder / layout.MID_EPOCH_CHECKPOINT, self.student, self.meta, trainer=trainer_state)

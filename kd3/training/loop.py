@@ -4,7 +4,13 @@ Per epoch: the source picks the rows (a selector over the pool), the objective's
 hook runs, the rows are streamed from the shards in a seeded shuffled order and each batch is
 one optimiser step (gradients accumulated over ``accumulate`` batches). Callbacks do the rest
 (averages, manifests, metrics, checkpoints). ``Trainer.restore`` continues from a checkpoint's
-trainer state with the same data order, selections and averages as an uninterrupted run.
+trainer state with the same data order, selections and averages as an uninterrupted run: after
+the epoch it finished, or (a mid-epoch checkpoint, :mod:`kd3.training.preemption`) after the
+optimiser step it was written at.
+
+Forwards run under the run's autocast precision (:class:`kd3.compute.Compute`; the losses
+themselves in float32, :mod:`kd3.methods.precision`) and ``backward`` outside it; fp16 scales
+the loss with a ``GradScaler`` whose state travels in the checkpoints.
 """
 
 from __future__ import annotations
@@ -12,17 +18,19 @@ from __future__ import annotations
 import logging
 import math
 import random
+import re
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
 import torch
 
-from kd3 import dist
-from kd3.data.images import normalize
+from kd3 import dist, layout
+from kd3.compute import Compute
 from kd3.data.score_cache import TeacherOutputs
-from kd3.data.shards import ShardImages, image_loader
+from kd3.data.shards import LoaderOptions, ShardImages, image_loader
 from kd3.errors import Kd3Error
 from kd3.methods.objectives import Objective, StepOutput
 from kd3.models.checkpoints import load_state_dict_strict
@@ -57,7 +65,8 @@ class Trainer:
     shards: list[Path]
     epochs: int
     batch_size: int
-    num_workers: int
+    #: the DataLoader options of the epoch's batches and the pool pass
+    workers: LoaderOptions
     seed: int
     device: torch.device
     callbacks: list[Callback] = field(default_factory=list)
@@ -71,16 +80,27 @@ class Trainer:
     name: str = "train"
     start_epoch: int = 0
     global_step: int = 0
+    #: precision, memory format and host→device copies (default: float32 on the CPU)
+    compute: Compute = field(default_factory=Compute)
+    #: write a mid-epoch checkpoint every this many optimiser steps (0: only on a stop signal)
+    checkpoint_every_steps: int = 0
     #: set by a SIGTERM / SIGUSR1 handler (:mod:`kd3.training.preemption`); checked after every step
     stop: Optional[StopRequest] = None
     _stop_seen: bool = False
     _group_samples: int = 0
+    #: the interrupted epoch's progress, from a mid-epoch checkpoint (:meth:`restore`)
+    _mid_epoch: Optional[dict[str, Any]] = None
+
+    def __post_init__(self) -> None:
+        #: fp16 only (loss scaling against gradient underflow); None otherwise
+        self.scaler = self.compute.grad_scaler()
 
     # ------------------------------------------------------------------------------------ state
     def trainer_state(self) -> dict[str, Any]:
         state = {"epoch": self.start_epoch - 1, "global_step": self.global_step,
                  "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                  "rng": rng_state(), "training_only": training_only_state(self.objective, self.student),
+                 "grad_scaler": self.scaler.state_dict() if self.scaler is not None else None,
                  **self.state_extras}
         for cb in self.callbacks:
             if cb.state_key is not None:
@@ -88,7 +108,8 @@ class Trainer:
         return state
 
     def restore(self, payload: dict[str, Any], source: str) -> None:
-        """Continue after the epoch a checkpoint (``payload``, read with weights_only) finished."""
+        """Continue after the epoch a checkpoint (``payload``, read with weights_only) finished, or
+        after the step a mid-epoch checkpoint was written at."""
         load_state_dict_strict(self.student, payload["state_dict"], source)
         trainer = payload["trainer"]
         load_training_only_state(self.objective, self.student, payload["state_dict"],
@@ -99,8 +120,16 @@ class Trainer:
         for cb in self.callbacks:
             if cb.state_key is not None and trainer.get(cb.state_key) is not None:
                 cb.load_state_dict(trainer[cb.state_key])
+        if self.scaler is not None and trainer.get("grad_scaler"):
+            self.scaler.load_state_dict(trainer["grad_scaler"])
         self.start_epoch = trainer["epoch"] + 1
         self.global_step = int(trainer.get("global_step", 0))
+        self._mid_epoch = trainer.get("mid_epoch")
+        if self._mid_epoch is not None and self._mid_epoch["world_size"] != dist.size():
+            raise Kd3Error(f"{source} was written by {self._mid_epoch['world_size']} process(es) in the middle of epoch "
+                           f"{self.start_epoch + 1}, and this run has {dist.size()}: resume with "
+                           f"{self._mid_epoch['world_size']} (the epoch's rows are split by process), or delete it "
+                           f"to redo epoch {self.start_epoch + 1} from last.pt")
 
     # ------------------------------------------------------------------------------------- loop
     def fit(self) -> Optional[dict[str, Any]]:
@@ -121,45 +150,46 @@ class Trainer:
 
     def _epoch(self, epoch: int) -> dict[str, Any]:
         started = time.monotonic()
-        self._check_stop(epoch, "before its selection")
-        data = self.source.epoch(epoch, self.epochs, self.student, self.meta.input)
+        mid, self._mid_epoch = self._mid_epoch, None
+        if mid is None:
+            self._check_stop(epoch, "before its selection")
+            data = self.source.epoch(epoch, self.epochs, self.student, self.meta.input)
+        else:  # resuming mid-epoch: the selection made at the epoch's start
+            data = self.source.restore(mid)
         record = {"epoch": epoch, **self._selection_record(epoch, data)}
         self.objective.begin_epoch(epoch, torch.tensor(sorted(data.rows.values()), dtype=torch.long))
         self.student.train()
         self.objective.train()
         # each rank its own augmentation stream (rank 0's is the one-process stream)
         generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch + 1_000_003 * dist.rank())
-        data.weights = torch.full((len(self.scores.frame),), float("nan"))
-        sums: dict[str, float] = {}
-        extras: dict[str, float] = {}
-        seen = 0
+        progress = _EpochProgress(data, generator, len(self.scores.frame))
         # the optimiser steps of the epoch, the same on every rank: under torchrun each step's batch
         # of train.batch_size rows is split over the ranks
         n_batches = math.ceil(len(data.rows) / self.batch_size)
-        for i, batch in enumerate(self._batches(data.rows, epoch, n_batches)):
+        batches = self._batches(data.rows, epoch, n_batches)
+        if mid is not None:
+            progress.resume(mid, batches)
+        for i, batch in enumerate(batches, start=progress.batches_done):
             last_of_group = (i + 1) % self.accumulate == 0 or i + 1 == n_batches
             step, x, z_t = self.train_step(batch, generator, zero_grad=i % self.accumulate == 0, update=last_of_group)
+            if step is not None:  # None: this rank had no rows left for this step (under torchrun)
+                progress.add(step, batch, z_t)
+            progress.batches_done = i + 1
             if last_of_group:
                 for cb in self.callbacks:
                     cb.after_step(StepInfo(epoch, self.global_step, epoch + min(i + 1, n_batches) / n_batches))
                 self.global_step += 1
-                self._check_stop(epoch, f"after step {i + 1} of {n_batches}")
-            if step is None:  # this rank had no rows left for this step (under torchrun)
-                continue
-            n = len(x)
-            seen += n
-            for name, value in {"loss": step.loss.item(), **{f"loss_{k}": v for k, v in step.terms.items()}}.items():
-                sums[name] = sums.get(name, 0.0) + value * n
-            if step.weights is not None:
-                data.weights[batch["row"]] = step.weights.detach().float().cpu()
-            if step.student_logits is not None:  # this step's own forward: the student before its update
-                agree = (step.student_logits.detach().argmax(1) == z_t.argmax(1)).sum().item()
-                extras["train_agreement"] = extras.get("train_agreement", 0.0) + agree
+                self._after_update(epoch, n_batches, progress)
+        sums, extras, seen = progress.sums, progress.extras, progress.seen
         if dist.is_distributed():
             sums, extras, seen = _merge_epoch_sums(sums, extras, seen)
             data.weights = dist.merge_rows(data.weights)
         lr = self.optimizer.param_groups[0]["lr"]
-        self.scheduler.step()
+        with warnings.catch_warnings():
+            # resumed after the epoch's last step, this process has no optimiser step before the
+            # schedule's (restored) epoch step: torch's ordering warning does not apply
+            warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()` before"))
+            self.scheduler.step()
         record.update({name: total / max(seen, 1) for name, total in sums.items()})
         trained = ~torch.isnan(data.weights)
         if trained.any():
@@ -185,7 +215,7 @@ class Trainer:
         """The epoch's batches: the given rows decoded from the shards in a seeded shuffled order."""
         dataset = ShardImages(self.shards, self.meta.input, uid_to_row=rows, shuffle=True, seed=self.seed,
                               epoch=epoch, teacher_spec=self.teacher_view, pixels=self.scores.pixels)
-        return image_loader(dataset, batch_size or self.batch_size, self.num_workers)
+        return image_loader(dataset, batch_size or self.batch_size, self.workers)
 
     def _batches(self, rows: dict[str, int], epoch: int, n_batches: int) -> Iterator[Optional[dict[str, Any]]]:
         """The epoch's batches on this rank. One process: the loader's batches as they come. Under
@@ -204,12 +234,35 @@ class Trainer:
         if next(batches, None) is not None:
             raise Kd3Error(f"rank {dist.rank()}: more batches than the {n_batches} steps of epoch {epoch + 1}")
 
+    def _stop_requested(self) -> bool:
+        """A stop signal came (on any rank under torchrun: the flag was all-reduced with the step)."""
+        return self._stop_seen or (self.stop is not None and self.stop.requested and not dist.is_distributed())
+
     def _check_stop(self, epoch: int, where: str) -> None:
-        """Raise :class:`Preempted` once a stop signal came (on any rank: the flag was all-reduced)."""
-        if self._stop_seen or (self.stop is not None and self.stop.requested and not dist.is_distributed()):
+        """At an epoch's start: raise :class:`Preempted` once a stop signal came (``last.pt`` of the
+        previous epoch is then the resume point)."""
+        if self._stop_requested():
             done = f"from last.pt (after epoch {self.start_epoch})" if self.start_epoch else "from the start"
             raise Preempted(f"stopped by a signal during epoch {epoch + 1} ({where}); `kd3 train --resume` "
                             f"redoes epoch {epoch + 1} {done}")
+
+    def _after_update(self, epoch: int, n_batches: int, progress: "_EpochProgress") -> None:
+        """After an optimiser step: the mid-epoch checkpoint when one is due (a stop signal, or every
+        ``checkpoint_every_steps``), then :class:`Preempted` on a stop. Every rank decides alike (the
+        stop flag and the step count are the same on all), so all enter the checkpoint's collectives."""
+        stop = self._stop_requested()
+        periodic = (self.checkpoint_every_steps > 0 and self.global_step % self.checkpoint_every_steps == 0
+                    and progress.batches_done < n_batches)  # at the epoch's end last.pt follows at once
+        if stop or periodic:
+            state = self.trainer_state()
+            state["mid_epoch"] = progress.state_dict(epoch)
+            for cb in self.callbacks:
+                cb.on_mid_epoch_checkpoint(state)
+            dist.barrier()  # rank 0's file is complete before any rank exits (torchrun then stops the rest)
+        if stop:
+            raise Preempted(f"stopped by a signal in epoch {epoch + 1} after step {progress.batches_done} of "
+                            f"{n_batches}, at a mid-epoch checkpoint ({layout.MID_EPOCH_CHECKPOINT}); "
+                            f"`kd3 train --resume` continues with step {progress.batches_done + 1}")
 
     def train_step(self, batch: Optional[dict[str, Any]], generator: torch.Generator, zero_grad: bool = True,
                    update: bool = True) -> tuple[Optional[StepOutput], Optional[torch.Tensor], Optional[torch.Tensor]]:
@@ -222,26 +275,40 @@ class Trainer:
         if batch is None:
             if zero_grad:
                 self.optimizer.zero_grad(set_to_none=True)
+            if self.scaler is not None:
+                self.scaler.scale(torch.zeros((), device=self.device))  # sets up the scale on a rank without rows
             if update:
                 self._synchronise()
-                self.optimizer.step()
+                self._optimizer_step()
             return None, None, None
-        x = normalize(batch["image"].to(self.device), self.meta.input)
-        x_t = normalize(batch["teacher_image"].to(self.device), self.teacher_view) if self.teacher_view else x
-        z_t = self.scores.logits[batch["row"]].to(self.device)
-        f_t = self.scores.features[batch["row"]].to(self.device)
+        c = self.compute
+        x = c.images(batch["image"], self.meta.input)
+        x_t = c.images(batch["teacher_image"], self.teacher_view) if self.teacher_view else x
+        z_t = c.to_device(self.scores.logits[batch["row"]])
+        f_t = c.to_device(self.scores.features[batch["row"]])
         maps = {}
         if self.scores.feature_maps is not None and self.objective.uses_teacher_feature_map:
-            maps["teacher_feature_map"] = self.scores.feature_map_rows(batch["row"]).to(self.device)
-        step = self.objective(x, x_t, z_t, generator, teacher_feature=f_t, **maps)
+            maps["teacher_feature_map"] = c.to_device(self.scores.feature_map_rows(batch["row"]))
+        with c.autocast():  # the forwards (student, teacher); the losses inside run in float32
+            step = self.objective(x, x_t, z_t, generator, teacher_feature=f_t, **maps)
         if zero_grad:
             self.optimizer.zero_grad(set_to_none=True)
-        (step.loss / self.accumulate if self.accumulate > 1 else step.loss).backward()
+        loss = step.loss / self.accumulate if self.accumulate > 1 else step.loss
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
         self._group_samples += len(x)
         if update:
             self._synchronise()
-            self.optimizer.step()
+            self._optimizer_step()
         return step, x, z_t
+
+    def _optimizer_step(self) -> None:
+        """The update; with fp16's scaler: unscaled, skipped when a gradient overflowed (the same on
+        every rank: the gradients were all-reduced first), and the scale adapted."""
+        if self.scaler is None:
+            self.optimizer.step()
+            return
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
 
     def _synchronise(self) -> None:
         """Under torchrun: make every rank's gradients the sample-weighted mean of all ranks' (the
@@ -287,6 +354,55 @@ def rank_rows(rows: dict[str, int], seed: int, epoch: int, rank: int, world: int
     order = sorted(rows.items(), key=lambda item: item[1])
     random.Random(f"{seed}-{epoch}-ranks").shuffle(order)
     return dict(order[rank::world])
+
+
+class _EpochProgress:
+    """One epoch's running totals on this rank (metric sums, samples, feature-alignment weights, the
+    batches done) and, for a mid-epoch checkpoint, everything that resumes it exactly."""
+
+    def __init__(self, data: EpochRows, generator: torch.Generator, pool_size: int):
+        self.data, self.generator = data, generator
+        data.weights = torch.full((pool_size,), float("nan"))
+        self.sums: dict[str, float] = {}
+        self.extras: dict[str, float] = {}
+        self.seen = 0
+        self.batches_done = 0
+
+    def add(self, step: StepOutput, batch: dict[str, Any], z_t: torch.Tensor) -> None:
+        n = len(batch["row"])
+        self.seen += n
+        for name, value in {"loss": step.loss.item(), **{f"loss_{k}": v for k, v in step.terms.items()}}.items():
+            self.sums[name] = self.sums.get(name, 0.0) + value * n
+        if step.weights is not None:
+            self.data.weights[batch["row"]] = step.weights.detach().float().cpu()
+        if step.student_logits is not None:  # this step's own forward: the student before its update
+            agree = (step.student_logits.detach().argmax(1) == z_t.argmax(1)).sum().item()
+            self.extras["train_agreement"] = self.extras.get("train_agreement", 0.0) + agree
+
+    def state_dict(self, epoch: int) -> dict[str, Any]:
+        """The epoch so far (every rank calls it): totals over the ranks, each rank's RNG streams."""
+        sums, extras, seen, weights = self.sums, self.extras, self.seen, self.data.weights
+        if dist.is_distributed():
+            sums, extras, seen = _merge_epoch_sums(sums, extras, seen)
+            weights = dist.merge_rows(weights)
+        return {"epoch": epoch, "batches_done": self.batches_done, "world_size": dist.size(),
+                **self.data.selection_state(), "sums": sums, "extras": extras, "seen": seen, "weights": weights,
+                "generators": dist.all_gather_object(self.generator.get_state()),
+                "rngs": dist.all_gather_object(rng_state())}
+
+    def resume(self, state: dict[str, Any], batches: Iterator[Any]) -> None:
+        """Continue from :meth:`state_dict`: the done batches are drawn from ``batches`` and dropped
+        (the same order as before the interruption; they are not trained again), then this rank's
+        augmentation and global RNG streams are put back where they were after the last step (the
+        loader drew from the global stream when it started)."""
+        if dist.is_main():  # the totals are over all ranks: one rank carries them into the epoch's merge
+            self.sums, self.extras, self.seen = dict(state["sums"]), dict(state["extras"]), int(state["seen"])
+            self.data.weights = state["weights"].clone()
+        for _ in range(state["batches_done"]):
+            next(batches)
+        self.batches_done = state["batches_done"]
+        self.generator.set_state(state["generators"][dist.rank()])
+        set_rng_state(state["rngs"][dist.rank()])
 
 
 def all_reduce_step(params: list[torch.nn.Parameter], buffers: list[torch.Tensor], samples: int,

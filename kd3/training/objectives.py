@@ -16,6 +16,7 @@ from typing import Callable, Optional
 
 import torch
 
+from kd3.compute import Compute
 from kd3.config import PipelineConfig, resolve_path
 from kd3.data.score_cache import TeacherOutputs
 from kd3.errors import Kd3Error
@@ -40,6 +41,8 @@ class BuildContext:
     backbone: Kd3Model
     #: the student's preprocessing (``train.student_input`` over the teacher's)
     student_input: InputSpec
+    #: precision and memory format of the run (None: float32, contiguous)
+    compute: Optional[Compute] = None
 
     def plain_meta(self) -> ModelMeta:
         """Checkpoint metadata of the bare student network."""
@@ -103,6 +106,8 @@ def build_kd3(ctx: BuildContext) -> BuiltObjective:
     """KD³ (METHODS.md §1b–1d): the frozen teacher's feature maps, its shared classifier, MixDistribution."""
     cfg, k = ctx.cfg, ctx.cfg.kd3
     teacher, loaded_meta, _ = load_model(resolve_path(cfg.score.teacher, ctx.run_dir), ctx.device)
+    if ctx.compute is not None:
+        teacher = ctx.compute.model(teacher)  # channels_last where that is on
     if not getattr(teacher, "supports_feature_alignment", True):
         raise Kd3Error(f"teacher {loaded_meta.arch!r} exposes no feature map that reproduces its logits "
                        "(e.g. a class-token ViT), so KD³'s alignment is unavailable; use train.objective=kd "

@@ -1,12 +1,20 @@
 """Stopping a training run cleanly when the cluster asks (Slurm preemption, time limit, ``scancel``).
 
 SIGTERM or SIGUSR1 (``sbatch --signal=USR1@120`` sends it ahead of the time limit) sets a flag;
-the loop finishes the optimiser step in progress and raises :class:`Preempted`. The checkpoint on
-disk is then ``last.pt`` of the last finished epoch (written atomically after every epoch), from
-which ``kd3 train --resume`` redoes the interrupted epoch from its start, with the same data order,
-selection and averages as an uninterrupted run (exact resume). The command exits with
-:data:`EXIT_CODE`. Under torchrun every rank gets the signal and all ranks stop at the same step
-(the flag travels with the step's gradient all-reduce).
+the loop finishes the optimiser step in progress (a whole accumulation group: it stops only at an
+optimiser-step boundary), writes a mid-epoch checkpoint ``resume.pt`` atomically and raises
+:class:`Preempted`; the command exits with :data:`EXIT_CODE`. ``resume.pt`` is ``last.pt``'s
+trainer state (weights, optimiser, schedule, GradScaler, averages, RNG) plus the epoch's progress:
+the steps done, the epoch's selection, the running metric sums and feature weights, and every
+rank's augmentation and global RNG streams. ``kd3 train --resume`` continues with the next step
+over the same remaining data in the same order (the done batches are read and dropped) and ends
+at the same weights as an uninterrupted run (bit for bit on the CPU; tests/e2e/test_preemption.py).
+``train.checkpoint_every_steps`` writes the same checkpoint periodically, for a node that dies
+without a signal. ``resume.pt`` is removed once its epoch finishes; a stop before an epoch's
+selection leaves ``last.pt`` of the previous epoch as the resume point. Under torchrun every rank
+gets the signal and all ranks stop at the same step (the flag travels with the step's gradient
+all-reduce); every rank takes part in gathering the checkpoint, rank 0 writes it and the others
+wait for it before exiting.
 """
 
 from __future__ import annotations
@@ -23,7 +31,8 @@ SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
 class Preempted(Exception):
-    """Training stopped on a signal after a finished step; ``--resume`` continues from ``last.pt``."""
+    """Training stopped on a signal after a finished step; ``--resume`` continues from ``resume.pt``
+    (or ``last.pt`` when it stopped before an epoch's selection)."""
 
 
 @dataclass

@@ -16,6 +16,7 @@ import pandas as pd
 import pytest
 import torch
 
+from kd3 import layout
 from kd3.training.preemption import EXIT_CODE
 from tests.conftest import DEMO_CONFIG, REPO
 
@@ -37,13 +38,17 @@ def _env() -> dict[str, str]:
             "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
 
 
-def kd3(stage: str, run_dir, overrides, *extra, nproc: int = 1) -> subprocess.CompletedProcess:
-    """``kd3 <stage>`` in a subprocess: one process, or ``nproc`` under torchrun (one thread each)."""
+def _command(stage: str, run_dir, overrides, *extra, nproc: int = 1) -> list[str]:
     launcher = ["-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1",
                 "--master_port", str(_free_port())] if nproc > 1 else []
-    cmd = [sys.executable, *launcher, "-m", "kd3.cli", stage, "--config", str(DEMO_CONFIG), "--run-dir",
-           str(run_dir), *overrides, "run.num_threads=1", *extra]
-    return subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=900)
+    return [sys.executable, *launcher, "-m", "kd3.cli", stage, "--config", str(DEMO_CONFIG), "--run-dir",
+            str(run_dir), *overrides, "run.num_threads=1", *extra]
+
+
+def kd3(stage: str, run_dir, overrides, *extra, nproc: int = 1) -> subprocess.CompletedProcess:
+    """``kd3 <stage>`` in a subprocess: one process, or ``nproc`` under torchrun (one thread each)."""
+    return subprocess.run(_command(stage, run_dir, overrides, *extra, nproc=nproc), env=_env(), capture_output=True,
+                          text=True, timeout=900)
 
 
 def _copy(toy_run, dest, stages):
@@ -139,3 +144,36 @@ def test_a_signal_stops_training_with_the_preemption_code_and_resume_finishes(to
     epochs = [json.loads(line)["epoch"] for line in (tmp_path / "train" / "metrics.jsonl").read_text().splitlines()]
     assert epochs == list(range(30))
     assert json.loads((tmp_path / "train" / "meta.json").read_text())["status"] == "complete"
+    assert not (tmp_path / "train" / layout.MID_EPOCH_CHECKPOINT).exists()  # removed with its epoch's end
+
+
+def _final_weights(run_dir) -> dict[str, torch.Tensor]:
+    return torch.load(run_dir / "train" / "last.pt", weights_only=True)["state_dict"]
+
+
+def test_a_signal_mid_epoch_under_torchrun_resumes_to_the_uninterrupted_weights(toy_run, tmp_path):
+    _, overrides = toy_run
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    for run_dir in (full, cut):
+        _copy(toy_run, run_dir, ["demo-data", "download", "score"])
+    # 15 steps an epoch; a periodic checkpoint after every step tells when training is under way
+    args = [*TRAIN, "train.epochs=2", "train.batch_size=8", "train.checkpoint_every_steps=1", "-q"]
+    done = kd3("train", full, overrides, *args, nproc=2)
+    assert done.returncode == 0, done.stderr[-3000:]
+    proc = subprocess.Popen(_command("train", cut, overrides, *args, nproc=2), env=_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    mid = cut / "train" / layout.MID_EPOCH_CHECKPOINT
+    while not mid.exists() and proc.poll() is None:
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGTERM)  # as Slurm signals a job step: torchrun and both ranks
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode != 0, err[-2000:]
+    stopped = torch.load(mid, weights_only=True)["trainer"]
+    assert stopped["mid_epoch"]["world_size"] == 2 and stopped["mid_epoch"]["batches_done"] >= 1
+    assert json.loads((cut / "train" / "meta.json").read_text())["error"].startswith("Preempted")
+    resumed = kd3("train", cut, overrides, *args, "--resume", nproc=2)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming after step" in (cut / "train" / "stage.log").read_text()
+    a, b = _final_weights(full), _final_weights(cut)
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
