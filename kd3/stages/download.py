@@ -30,6 +30,7 @@ from kd3.children import run_in_group
 from kd3.config import PipelineConfig, require_file, resolve_path
 from kd3.data.crawl_guard import GuardLimits, crawl_guard, guard_reason, proxied_environment
 from kd3.data.demo import PORT_PLACEHOLDER
+from kd3.data.distributors import local_cluster, require
 from kd3.data.loopback import LOOPBACK, serve_directory
 from kd3.data.manifest import read_url_list
 from kd3.data.shards import canonicalize_shard, read_download_index, shard_fingerprints, shards_dir
@@ -52,6 +53,7 @@ def _url_list_path(cfg: PipelineConfig) -> Path:
 
 
 def check(cfg: PipelineConfig, run_dir: Path) -> dict[str, str]:
+    require(cfg.download.distributor, cfg.source)  # a missing extra, before anything is read or written
     url_list = require_file(cfg, "download.url_list", _url_list_path(cfg),
                             "write one with `kd3 demo-data` or point download.url_list at your URL list")
     read_url_list(url_list, cfg.download.url_column, cfg.download.caption_column,
@@ -133,7 +135,8 @@ def _download(cfg: PipelineConfig, resolved: Path, out_dir: Path, caption_column
     from img2dataset import download
 
     d = cfg.download
-    with capture_stdout() as printed, _bar_into(printed):
+    # pyspark / ray: a local cluster started here, so its workers inherit the crawl guard's proxy variables
+    with capture_stdout() as printed, _bar_into(printed), local_cluster(d.distributor, d.processes_count):
         download(
             url_list=str(resolved), input_format="parquet", url_col="url", caption_col=caption_column,
             save_additional_columns=extra_columns, output_format="webdataset", output_folder=str(out_dir),
@@ -186,8 +189,8 @@ def run(cfg: PipelineConfig, out: StageDir) -> dict[str, Any]:
     # the guard cannot sniff (https bodies, unknown formats)
     decoder_limit = {"OPENCV_IO_MAX_IMAGE_PIXELS": str(d.max_pixels)}
     if d.distributor != "multiprocessing":
-        log.warning(f"[{NAME}] distributor {d.distributor}: workers on other machines do not get the crawl guard "
-                    "(address policy, deadline, byte and pixel caps); use multiprocessing where that matters")
+        log.info(f"[{NAME}] distributor {d.distributor}: a local cluster on this machine with {d.processes_count} "
+                 "worker(s), every one behind the crawl guard")
     with server as base_url, _guard(cfg) as guard, proxied_environment(guard.url, decoder_limit):
         resolved = frame[[c for c in frame.columns if c in {"url", urls.caption_column, *urls.extra_columns}]].copy()
         if base_url is not None:
