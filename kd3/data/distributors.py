@@ -99,6 +99,8 @@ def _spark_session(workers: int, scratch: Path) -> Iterator[None]:
 @contextlib.contextmanager
 def _ray_session(workers: int, scratch: Path) -> Iterator[None]:
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"  # Ray otherwise reports usage to its servers
+    # local Ray only: the node's address is then 127.0.0.1, not found by routing towards 8.8.8.8
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     os.environ.pop("RAY_ADDRESS", None)  # never join a cluster elsewhere
     import ray
 
