@@ -23,6 +23,7 @@ import contextlib
 import importlib
 import logging
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -51,6 +52,19 @@ def require(distributor: str, source: str) -> None:
     except ImportError as exc:
         raise ConfigError(f"{source}: download.distributor={distributor} needs {module}, which is not installed "
                           f"({exc}): pip install 'kd3[{extra}]', or use download.distributor=multiprocessing") from None
+    if distributor == "pyspark" and java() is None:
+        raise ConfigError(f"{source}: download.distributor=pyspark needs Java (17 or later for pyspark 4), found "
+                          "neither $JAVA_HOME/bin/java nor java on PATH; install a JDK, or use "
+                          "download.distributor=multiprocessing")
+
+
+def java() -> str | None:
+    """The java that pyspark will start (``$JAVA_HOME/bin/java``, else ``java`` on PATH), or None."""
+    home = os.environ.get("JAVA_HOME")
+    if home:
+        candidate = Path(home) / "bin" / "java"
+        return str(candidate) if candidate.is_file() else None
+    return shutil.which("java")
 
 
 @contextlib.contextmanager

@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from kd3.cli import main
+from kd3.data import distributors
 from kd3.data.urls import AddressPolicy
 from kd3.stages import download
 from tests.zoo.crawl_servers import counting_server
@@ -96,6 +97,8 @@ def _without_ray_probes(result: dict, distributor: str) -> None:
 def test_distributor_gives_the_multiprocessing_shards_through_the_guard_and_resumes(tmp_path, pool, distributor,
                                                                                    module):
     pytest.importorskip(module)
+    if distributor == "pyspark" and distributors.java() is None:
+        pytest.skip("pyspark needs Java; none found ($JAVA_HOME/bin/java or java on PATH)")
     a, b, urls, baseline = pool
     _baseline_is_what_the_pool_holds(baseline)
     a.requests.clear()

@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from kd3.cli import main
+from kd3.data import distributors
 from kd3.data.distributors import require
 from kd3.errors import ConfigError
 
@@ -36,3 +37,11 @@ def test_multiprocessing_needs_no_extra(monkeypatch):
     require("multiprocessing", "x.yaml")  # img2dataset's own pool: nothing to import
     with pytest.raises(ConfigError, match=r"x\.yaml: download\.distributor=ray needs ray"):
         require("ray", "x.yaml")
+
+
+def test_pyspark_without_java_is_refused_up_front(monkeypatch, tmp_path):
+    pytest.importorskip("pyspark")
+    monkeypatch.setenv("JAVA_HOME", str(tmp_path))  # no bin/java in it
+    assert distributors.java() is None
+    with pytest.raises(ConfigError, match="needs Java"):
+        require("pyspark", "x.yaml")
