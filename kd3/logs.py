@@ -18,7 +18,7 @@ import contextlib
 import logging
 import sys
 from pathlib import Path
-from typing import Iterator, Optional, TextIO
+from typing import Iterator
 
 LOGGER = "kd3"
 #: ``extra=`` for a record the log file gets and the console does not
@@ -28,35 +28,19 @@ FILE_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 _LEVELS = {"quiet": logging.WARNING, "normal": logging.INFO, "verbose": logging.DEBUG}
 
 
-#: the console's stream while :func:`console_pinned` is active (a library's prints being captured)
-_pinned: Optional[TextIO] = None
-
-
 class _Console(logging.StreamHandler):
-    """A handler writing to whatever ``sys.stdout`` is at the time (pytest's capture swaps it), or to
-    the stream :func:`console_pinned` holds while kd3 captures a library's prints."""
+    """A handler writing to whatever ``sys.stdout`` is at the time (pytest's capture swaps it)."""
 
     def __init__(self) -> None:
         super().__init__(sys.stdout)
 
     @property
     def stream(self):  # type: ignore[override]
-        return _pinned or sys.stdout
+        return sys.stdout
 
     @stream.setter
     def stream(self, value) -> None:  # StreamHandler.__init__ assigns it; the property ignores that
         pass
-
-
-@contextlib.contextmanager
-def console_pinned() -> Iterator[None]:
-    """Keep kd3's console on the current stdout while the block redirects ``sys.stdout``."""
-    global _pinned
-    previous, _pinned = _pinned, sys.stdout
-    try:
-        yield
-    finally:
-        _pinned = previous
 
 
 def _for_console(record: logging.LogRecord) -> bool:

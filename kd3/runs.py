@@ -13,7 +13,6 @@ import datetime as _dt
 import errno
 import fcntl
 import hashlib
-import io
 import json
 import os
 import platform
@@ -294,14 +293,3 @@ def stage_lock(run_dir: Path, stage: str) -> Iterator[Path]:
 def stage_input_fingerprint(run_dir: Path, stage: str) -> str:
     """Identify an upstream stage's output by its meta.json (config, counts, finish time)."""
     return file_fingerprint(Path(run_dir) / stage / META_NAME)
-
-
-@contextlib.contextmanager
-def capture_stdout() -> Iterator[io.StringIO]:
-    """Collect a noisy library's prints (img2dataset reports through print); kd3's own messages
-    (progress lines from another thread) still reach the console."""
-    from kd3.logs import console_pinned
-
-    buf = io.StringIO()
-    with console_pinned(), contextlib.redirect_stdout(buf):
-        yield buf

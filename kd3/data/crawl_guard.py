@@ -30,11 +30,13 @@ import contextlib
 import http.client
 import http.server
 import logging
+import math
 import os
 import selectors
 import socket
 import struct
 import threading
+import time
 from dataclasses import dataclass
 from typing import Iterator, Optional
 from urllib.parse import urlsplit
@@ -124,68 +126,108 @@ def _jpeg_dimensions(data: bytes) -> Optional[tuple[int, int]]:
     return None
 
 
-class _Deadline:
-    """Cuts the sockets it watches when the request's time is up, so no blocking read outlives it."""
+class _RequestTimer:
+    """One request's deadline and heartbeat, kept by the guard's :class:`_Watchdog` thread.
 
-    def __init__(self, seconds: float) -> None:
+    At the deadline the watchdog shuts the sockets added here down, so no blocking read outlives it;
+    with a ``wfile`` it also writes ``100 Continue`` to the client every ``interval`` s (HTTP/1.1
+    clients skip 1xx) until the request ends."""
+
+    def __init__(self, deadline: float, wfile=None, interval: float = 1.0) -> None:
+        now = time.monotonic()
+        self.deadline_at, self.interval, self.next_beat = now + deadline, interval, now + interval
         self.expired = False
+        self.client_gone = False
+        self._wfile = wfile
         self._sockets: list[socket.socket] = []
         self._lock = threading.Lock()
-        self._timer = threading.Timer(seconds, self._expire)
-        self._timer.daemon = True
 
-    def __enter__(self) -> "_Deadline":
-        self._timer.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._timer.cancel()
-
-    def watch(self, sock: socket.socket) -> None:
+    def add_socket(self, sock: socket.socket) -> None:
         with self._lock:
             self._sockets.append(sock)
             expired = self.expired
         if expired:
             _shutdown(sock)
 
-    def _expire(self) -> None:
+    def next_due(self) -> float:
+        """When the watchdog next has to act on this request (inf: never)."""
+        deadline = math.inf if self.expired else self.deadline_at
+        beat = self.next_beat if self._wfile is not None and not self.client_gone else math.inf
+        return min(deadline, beat)
+
+    def act(self, now: float) -> None:
+        """What is due at ``now`` (watchdog thread only): cut the sockets, or beat."""
+        if not self.expired and now >= self.deadline_at:
+            with self._lock:
+                self.expired = True
+                sockets = list(self._sockets)
+            for sock in sockets:
+                _shutdown(sock)
+        if now >= self.next_beat:
+            self.next_beat = now + self.interval
+            with self._lock:  # the request's own answer waits for a beat in progress (see finish)
+                if self._wfile is None or self.client_gone:
+                    return
+                try:
+                    self._wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+                    self._wfile.flush()
+                except OSError:
+                    self.client_gone = True
+
+    def finish(self) -> None:
+        """No beat after this returns (the handler writes its answer next)."""
         with self._lock:
-            self.expired = True
-            sockets = list(self._sockets)
-        for sock in sockets:
-            _shutdown(sock)
+            self._wfile = None
+
+
+class _Watchdog:
+    """One thread for every request's deadline and heartbeat (two threads per request cost ~0.7 ms
+    each on loopback: a third of the guard's overhead). It sleeps until the nearest due time."""
+
+    def __init__(self) -> None:
+        self._active: set[_RequestTimer] = set()
+        self._cond = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="kd3-guard-watchdog", daemon=True)
+        self._thread.start()
+
+    @contextlib.contextmanager
+    def request(self, deadline: float, wfile=None, interval: float = 1.0) -> Iterator[_RequestTimer]:
+        timer = _RequestTimer(deadline, wfile, interval)
+        with self._cond:
+            self._active.add(timer)
+            self._cond.notify()
+        try:
+            yield timer
+        finally:
+            with self._cond:
+                self._active.discard(timer)
+            timer.finish()
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+        self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                if self._closed:
+                    return
+                now = time.monotonic()
+                due = [t for t in self._active if t.next_due() <= now]
+                if not due:
+                    wake = min((t.next_due() for t in self._active), default=math.inf)
+                    self._cond.wait(None if wake == math.inf else wake - now)
+                    continue
+            for timer in due:  # outside the condition: a beat may block on a slow client
+                timer.act(now)
 
 
 def _shutdown(sock: socket.socket) -> None:
     with contextlib.suppress(OSError):
         sock.shutdown(socket.SHUT_RDWR)
-
-
-class _Heartbeat:
-    """``100 Continue`` to the client every ``interval`` s until stopped (HTTP/1.1 clients skip 1xx)."""
-
-    def __init__(self, wfile, interval: float) -> None:
-        self._wfile, self._interval = wfile, interval
-        self._stop = threading.Event()
-        self.client_gone = False
-        self._thread = threading.Thread(target=self._beat, name="kd3-guard-heartbeat", daemon=True)
-
-    def __enter__(self) -> "_Heartbeat":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def _beat(self) -> None:
-        while not self._stop.wait(self._interval):
-            try:
-                self._wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-                self._wfile.flush()
-            except OSError:
-                self.client_gone = True
-                return
 
 
 def _phrase(text: str) -> str:
@@ -234,19 +276,19 @@ class _GuardHandler(http.server.BaseHTTPRequestHandler):
             return self._refuse(403, refusal)
         target = parts.path + (f"?{parts.query}" if parts.query else "")
         limits = self.server.limits
-        with _Deadline(limits.deadline) as deadline, _Heartbeat(self.wfile, min(1.0, limits.timeout / 3)) as beat:
+        with self.server.watchdog.request(limits.deadline, self.wfile, min(1.0, limits.timeout / 3)) as timer:
             try:
-                answer = self._fetch(addresses, port, parts.netloc.rpartition("@")[2], target, deadline)
+                answer = self._fetch(addresses, port, parts.netloc.rpartition("@")[2], target, timer)
             except UrlRefused as refusal:
                 answer = refusal
             except (OSError, http.client.HTTPException) as exc:
-                if deadline.expired:
+                if timer.expired:
                     answer = UrlRefused("deadline exceeded", f"{limits.deadline:g} s")
                 elif isinstance(exc, TimeoutError):
                     answer = UrlRefused("timeout", f"no data for {limits.timeout:g} s")
                 else:
                     answer = UrlRefused("connection error", f"{type(exc).__name__}: {exc}")
-        if beat.client_gone:
+        if timer.client_gone:
             return
         if isinstance(answer, UrlRefused):
             status = {"deadline exceeded": 504, "timeout": 504, "connection error": 502}.get(answer.reason, 403)
@@ -254,7 +296,7 @@ class _GuardHandler(http.server.BaseHTTPRequestHandler):
         self.server.count("relayed")
         self._answer(*answer)
 
-    def _connect(self, addresses: list[str], port: int, deadline: _Deadline) -> socket.socket:
+    def _connect(self, addresses: list[str], port: int, timer: _RequestTimer) -> socket.socket:
         error: Optional[OSError] = None
         for address in addresses:
             try:
@@ -262,14 +304,14 @@ class _GuardHandler(http.server.BaseHTTPRequestHandler):
             except OSError as exc:
                 error = exc
                 continue
-            deadline.watch(sock)
+            timer.add_socket(sock)
             return sock
         raise error or OSError("no address to connect to")
 
-    def _fetch(self, addresses: list[str], port: int, host: str, target: str, deadline: _Deadline):
+    def _fetch(self, addresses: list[str], port: int, host: str, target: str, timer: _RequestTimer):
         limits = self.server.limits
         conn = http.client.HTTPConnection(addresses[0], port, timeout=limits.timeout)
-        conn.sock = self._connect(addresses, port, deadline)
+        conn.sock = self._connect(addresses, port, timer)
         try:
             conn.putrequest("GET", target, skip_host=True, skip_accept_encoding=True)
             conn.putheader("Host", host)
@@ -282,18 +324,18 @@ class _GuardHandler(http.server.BaseHTTPRequestHandler):
             declared = response.getheader("Content-Length")
             if declared and declared.strip().isdigit() and int(declared) > limits.max_bytes:
                 raise UrlRefused("too many bytes", f"{int(declared)} > {limits.max_bytes}")
-            body = self._read_body(response, deadline, sniff=200 <= response.status < 300)
+            body = self._read_body(response, timer, sniff=200 <= response.status < 300)
             headers = [(k, v) for k, v in response.getheaders() if k.lower() not in _HOP_BY_HOP]
             return response.status, response.reason, headers, body
         finally:
             conn.close()
 
-    def _read_body(self, response: http.client.HTTPResponse, deadline: _Deadline, sniff: bool) -> bytes:
+    def _read_body(self, response: http.client.HTTPResponse, timer: _RequestTimer, sniff: bool) -> bytes:
         limits = self.server.limits
         body = bytearray()
         while True:
             chunk = response.read1(_CHUNK)
-            if deadline.expired:
+            if timer.expired:
                 raise UrlRefused("deadline exceeded", f"{limits.deadline:g} s")
             if not chunk:
                 return bytes(body)
@@ -319,16 +361,16 @@ class _GuardHandler(http.server.BaseHTTPRequestHandler):
             addresses = self.server.policy.check_host(host, int(port_text))
         except UrlRefused as refusal:
             return self._refuse(403, refusal)
-        with _Deadline(limits.deadline) as deadline:
-            deadline.watch(self.connection)
+        with self.server.watchdog.request(limits.deadline) as timer:
+            timer.add_socket(self.connection)
             try:
-                upstream = self._connect(addresses, int(port_text), deadline)
+                upstream = self._connect(addresses, int(port_text), timer)
             except OSError as exc:
-                reason = "deadline exceeded" if deadline.expired else "connection error"
+                reason = "deadline exceeded" if timer.expired else "connection error"
                 return self._refuse(502, UrlRefused(reason, f"{type(exc).__name__}: {exc}"))
             with upstream:
                 self._answer_tunnel_open()
-                outcome = self._pump(upstream, deadline)
+                outcome = self._pump(upstream, timer)
         self.server.count(outcome)
 
     def _answer_tunnel_open(self) -> None:
@@ -336,7 +378,7 @@ class _GuardHandler(http.server.BaseHTTPRequestHandler):
         self.wfile.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
         self.wfile.flush()
 
-    def _pump(self, upstream: socket.socket, deadline: _Deadline) -> str:
+    def _pump(self, upstream: socket.socket, timer: _RequestTimer) -> str:
         """Copy bytes both ways until either side closes, the deadline passes or too much comes back."""
         limit = self.server.limits.max_bytes + _TLS_SLACK
         received = 0
@@ -346,7 +388,7 @@ class _GuardHandler(http.server.BaseHTTPRequestHandler):
             selector.register(upstream, selectors.EVENT_READ, client)
             while True:
                 events = selector.select(timeout=self.server.limits.timeout)
-                if deadline.expired:
+                if timer.expired:
                     return "deadline exceeded (https tunnel)"
                 if not events:
                     return "timeout (https tunnel)"
@@ -361,7 +403,7 @@ class _GuardHandler(http.server.BaseHTTPRequestHandler):
                                 return "too many bytes (https tunnel)"
                         key.data.sendall(data)
                     except OSError:
-                        return "deadline exceeded (https tunnel)" if deadline.expired else "tunnelled"
+                        return "deadline exceeded (https tunnel)" if timer.expired else "tunnelled"
 
     def _refuse_method(self) -> None:
         self._refuse(405, UrlRefused("method not allowed", self.command))
@@ -377,6 +419,7 @@ class _GuardServer(http.server.ThreadingHTTPServer):
         self.policy, self.limits = policy, limits
         self.counts: collections.Counter[str] = collections.Counter()
         self._lock = threading.Lock()
+        self.watchdog = _Watchdog()
 
     def count(self, outcome: str) -> None:
         with self._lock:
@@ -396,6 +439,7 @@ def crawl_guard(policy: AddressPolicy, limits: GuardLimits) -> Iterator["_GuardS
     finally:
         server.shutdown()
         server.server_close()
+        server.watchdog.close()
         thread.join(timeout=5)
 
 

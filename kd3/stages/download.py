@@ -18,7 +18,6 @@ import json
 import logging
 import math
 import os
-import sys
 import threading
 from pathlib import Path
 from typing import Any, Optional
@@ -30,14 +29,15 @@ from kd3.children import run_in_group
 from kd3.config import PipelineConfig, require_file, resolve_path
 from kd3.data.crawl_guard import GuardLimits, crawl_guard, guard_reason, proxied_environment
 from kd3.data.demo import PORT_PLACEHOLDER
-from kd3.data.distributors import local_cluster, require
+from kd3.data.distributors import require
+from kd3.data.img2dataset_job import run_img2dataset
 from kd3.data.loopback import LOOPBACK, serve_directory
 from kd3.data.manifest import read_url_list
 from kd3.data.shards import canonicalize_shard, read_download_index, shard_fingerprints, shards_dir
 from kd3.data.urls import AddressPolicy, parse_networks
 from kd3.errors import ConfigError, Kd3Error
 from kd3.progress import Progress
-from kd3.runs import StageDir, atomic_path, capture_stdout, file_fingerprint
+from kd3.runs import StageDir, atomic_path, file_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -123,31 +123,19 @@ def _shard_progress(out_dir: Path, total: int, poll: float = 1.0):
         progress.close()
 
 
-def _bar_into(buffer):
-    """img2dataset's shard counter (a tqdm bar on stderr) into ``buffer`` when stderr is not a terminal,
-    where it would be a run of carriage returns; kd3's own progress lines say the same there."""
-    return contextlib.nullcontext() if sys.stderr.isatty() else contextlib.redirect_stderr(buffer)
-
-
-def _download(cfg: PipelineConfig, resolved: Path, out_dir: Path, caption_column: Optional[str],
-              extra_columns: list[str]) -> str:
-    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations otherwise calls home
-    from img2dataset import download
-
+def _img2dataset_options(cfg: PipelineConfig, resolved: Path, out_dir: Path, caption_column: Optional[str],
+                         extra_columns: list[str]) -> dict[str, Any]:
     d = cfg.download
-    # pyspark / ray: a local cluster started here, so its workers inherit the crawl guard's proxy variables
-    with capture_stdout() as printed, _bar_into(printed), local_cluster(d.distributor, d.processes_count):
-        download(
-            url_list=str(resolved), input_format="parquet", url_col="url", caption_col=caption_column,
-            save_additional_columns=extra_columns, output_format="webdataset", output_folder=str(out_dir),
-            image_size=d.image_size, resize_mode=d.resize_mode, encode_format=d.encode_format,
-            encode_quality=d.resolved_encode_quality, processes_count=d.processes_count, thread_count=d.thread_count,
-            number_sample_per_shard=d.number_sample_per_shard, timeout=d.timeout, retries=d.retries,
-            distributor=d.distributor, user_agent_token=d.user_agent_token,
-            disallowed_header_directives=d.disallowed_header_directives, incremental_mode="incremental",
-            max_image_area=d.max_pixels, enable_wandb=False,
-        )
-    return printed.getvalue()
+    return dict(
+        url_list=str(resolved), input_format="parquet", url_col="url", caption_col=caption_column,
+        save_additional_columns=extra_columns, output_format="webdataset", output_folder=str(out_dir),
+        image_size=d.image_size, resize_mode=d.resize_mode, encode_format=d.encode_format,
+        encode_quality=d.resolved_encode_quality, processes_count=d.processes_count, thread_count=d.thread_count,
+        number_sample_per_shard=d.number_sample_per_shard, timeout=d.timeout, retries=d.retries,
+        distributor=d.distributor, user_agent_token=d.user_agent_token,
+        disallowed_header_directives=d.disallowed_header_directives, incremental_mode="incremental",
+        max_image_area=d.max_pixels, enable_wandb=False,
+    )
 
 
 def _guard(cfg: PipelineConfig):
@@ -155,11 +143,6 @@ def _guard(cfg: PipelineConfig):
     return crawl_guard(AddressPolicy(parse_networks(d.allow_networks)),
                        GuardLimits(max_pixels=d.max_pixels, max_bytes=d.max_bytes, deadline=d.deadline,
                                    timeout=d.timeout))
-
-
-def _download_to_log(cfg: PipelineConfig, resolved: Path, out_dir: Path, caption_column: Optional[str],
-                     extra_columns: list[str], log_path: Path) -> None:
-    log_path.write_text(_download(cfg, resolved, out_dir, caption_column, extra_columns))
 
 
 def run(cfg: PipelineConfig, out: StageDir) -> dict[str, Any]:
@@ -205,8 +188,8 @@ def run(cfg: PipelineConfig, out: StageDir) -> dict[str, Any]:
                  f"through the crawl guard at {guard.url} …")
         with _shard_progress(out_dir, len(frame)):
             # in a child process group, so img2dataset's workers die with this stage (kill -9 included)
-            run_in_group("img2dataset", _download_to_log, cfg, resolved_path, out_dir, urls.caption_column,
-                         list(urls.extra_columns), out.path / "img2dataset.log")
+            options = _img2dataset_options(cfg, resolved_path, out_dir, urls.caption_column, list(urls.extra_columns))
+            run_in_group("img2dataset", run_img2dataset, options, str(out.path / "img2dataset.log"))
         resolved_path.unlink(missing_ok=True)
         guard_counts = dict(sorted(guard.counts.items()))
     done = len(list(out_dir.glob("*_stats.json")))

@@ -185,14 +185,3 @@ def test_download_progress_counts_the_urls_of_finished_shards(tmp_path):
     assert _urls_done(tmp_path, seen) == 1000
     (tmp_path / "00001_stats.json").write_text('{"count": 604}')
     assert _urls_done(tmp_path, seen) == 604 and _urls_done(tmp_path, seen) == 0
-
-
-def test_capturing_a_librarys_prints_keeps_kd3_messages_on_the_console(capsys):
-    from kd3.runs import capture_stdout
-
-    logs.setup("normal")
-    with capture_stdout() as printed:
-        print("img2dataset says")
-        logging.getLogger("kd3.stages.download").info("[download] img2dataset: 1000/2604 URLs")
-    assert printed.getvalue() == "img2dataset says\n"
-    assert capsys.readouterr().out == "[download] img2dataset: 1000/2604 URLs\n"

@@ -46,7 +46,8 @@ def one_colour_png(width: int, height: int, rows_per_block: int = 1000) -> bytes
 
 
 class CountingServer(http.server.ThreadingHTTPServer):
-    """Routes: /img… (a small PNG), /redirect?to=URL (302), /drip (8 bytes a second), /bomb.png."""
+    """Routes: /img… (a small PNG), /redirect?to=URL (302), /drip (8 bytes a second), /bomb.png,
+    /slow.png (the small PNG in 8 pieces, a quarter of a second apart: 2 s in all, then done)."""
 
     daemon_threads = True
 
@@ -93,6 +94,18 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                     self.wfile.flush()
                 except OSError:
                     return
+        elif parts.path == "/slow.png":
+            body = png_bytes()
+            self.send_response(200)
+            self.send_header("Content-Type", "image/png")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            step = -(-len(body) // 8)
+            for start in range(0, len(body), step):
+                if self.server.stop_drip.wait(0.25):
+                    return
+                self.wfile.write(body[start:start + step])
+                self.wfile.flush()
         elif parts.path == "/bomb.png" and self.server.bomb is not None:
             self._send(self.server.bomb)
         elif parts.path.startswith("/img"):

@@ -97,6 +97,17 @@ def test_slow_drip_ends_at_the_deadline_not_the_socket_timeout(guard):
     assert "HTTP Error 504" in outcome and guard_reason(outcome) == "deadline exceeded"
 
 
+def test_a_slow_but_live_download_outlasts_the_client_timeout():
+    # the guard holds the whole response (to sniff it) for 2 s; its 100 Continue heartbeats keep a
+    # client whose timeout is 1 s waiting, the way img2dataset's per-read timeout would
+    limits = GuardLimits(max_pixels=1_000_000, max_bytes=1_000_000, deadline=10, timeout=1)
+    with crawl_guard(AddressPolicy(parse_networks(["127.0.0.1/32"])), limits) as slow_guard, \
+            counting_server("127.0.0.1") as a:
+        with _opener(slow_guard).open(f"{a.base}/slow.png", timeout=limits.timeout) as response:
+            body = response.read()
+    assert body == png_bytes() and slow_guard.counts["relayed"] == 1
+
+
 def _connect(guard, target: str) -> bytes:
     host, port = guard.server_address[:2]
     with socket.create_connection((host, port), timeout=5) as sock:
