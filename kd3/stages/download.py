@@ -8,7 +8,9 @@ duplicates, the crawl guard's counts). Failed URLs are recorded in the per-shard
 (``status``, ``error_message``), never fatal.
 
 Every request goes through :mod:`kd3.data.crawl_guard` (address policy per redirect hop, deadline,
-byte and pixel caps); the decoder in img2dataset's workers gets OpenCV's pixel limit as well.
+byte and pixel caps); the decoder in img2dataset's workers gets OpenCV's pixel limit as well. That holds
+for every ``download.distributor``: pyspark and ray run as a local cluster started in img2dataset's
+child process (:mod:`kd3.data.distributors`), so their workers inherit the guard's proxy variables.
 """
 
 from __future__ import annotations
