@@ -96,8 +96,11 @@ def _spark_session(workers: int, scratch: Path) -> Iterator[None]:
              .config("spark.driver.host", LOOPBACK).config("spark.driver.bindAddress", LOOPBACK)
              .config("spark.ui.enabled", "false").config("spark.ui.showConsoleProgress", "false")
              .config("spark.local.dir", str(scratch))
-             .config("spark.driver.extraJavaOptions", f"-Dlog4j2.configurationFile=file:{log4j} "
-                                                      f"-Djava.io.tmpdir={scratch}")
+             # the JVM only pipes shards to the Python workers and collects their status: the quick
+             # compiler and serial GC start it faster (one 24-URL toy download on 2 busy cores: 41 s → 32 s)
+             .config("spark.driver.extraJavaOptions",
+                     f"-Dlog4j2.configurationFile=file:{log4j} -Djava.io.tmpdir={scratch} "
+                     "-XX:TieredStopAtLevel=1 -XX:+UseSerialGC")
              .getOrCreate())
     try:
         master = spark.sparkContext.master
