@@ -10,6 +10,9 @@ ARGS ?=
 # TORCH_SPEC="torch torchvision --index-url https://download.pytorch.org/whl/cu124"
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?=
+# extras `make test` installs as well, so the end-to-end tests of download.distributor=pyspark / ray
+# run instead of skipping (TEST_EXTRAS= leaves them out; the tests then skip)
+TEST_EXTRAS ?= spark,ray
 BENCH_ARGS ?=
 
 # processes per node for score / train / train-kd / evaluate: NPROC=1 runs kd3 itself, more launch it
@@ -27,6 +30,8 @@ export NO_ALBUMENTATIONS_UPDATE := 1
 export PYTHONUNBUFFERED := 1
 KD3 := $(VENV)/bin/kd3
 STAMP := $(VENV)/.kd3-installed
+comma := ,
+TEST_STAMP := $(VENV)/.kd3-test-extras$(if $(TEST_EXTRAS),-$(subst $(comma),-,$(TEST_EXTRAS)))
 
 .PHONY: help install demo test bench bench-quality demo-data download score dedup select train train-kd average evaluate inspect validate prepare-teacher bench-gtn
 
@@ -41,6 +46,10 @@ $(STAMP): pyproject.toml
 	# .[dev] = pytest + the demo extra (scikit-learn, scikit-image, mlxtend), which demo and test need
 	$(VENV)/bin/python -m pip install -q -e '.[dev]'
 	@touch $(STAMP)
+
+$(TEST_STAMP): $(STAMP)
+	$(if $(TEST_EXTRAS),$(VENV)/bin/python -m pip install -q -e '.[dev$(comma)$(TEST_EXTRAS)]')
+	@touch $(TEST_STAMP)
 
 install: $(STAMP) ## create .venv and install kd3 (fast when already installed)
 
@@ -57,7 +66,7 @@ demo: $(STAMP) ## run the whole pipeline on the embedded demo (CPU, minutes)
 	$(KD3) inspect --config $(CONFIG) --run-dir $(RUN) --resume $(ARGS)
 	@echo "Run folder: $(RUN)   evaluation: $(RUN)/evaluate/report.md   selection report: $(RUN)/inspect/index.html"
 
-test: $(STAMP) ## run the test suite (pytest's exit 5, "no tests collected", is a failure too)
+test: $(TEST_STAMP) ## run the test suite (TEST_EXTRAS: the optional extras installed for it, spark,ray) (pytest's exit 5, "no tests collected", is a failure too)
 	@$(VENV)/bin/python -m pytest $(PYTEST_ARGS); status=$$?; \
 	if [ $$status -eq 5 ]; then echo "make test: pytest collected no tests; there must be tests" >&2; fi; \
 	exit $$status

@@ -1,7 +1,8 @@
 """The img2dataset call of the download stage, in a module light enough for the child process it
 runs in (:func:`kd3.children.run_in_group` spawns a fresh interpreter, which imports the target's
 module): stdlib only here, so the child imports img2dataset and nothing of the stage (kd3.stages
-pulls in torchvision, pandas and pydantic: ~3 s of CPU per download before the first request)."""
+pulls in torchvision, pandas and pydantic: ~3 s of CPU per download before the first request).
+``distributor: pyspark / ray`` also imports :mod:`kd3.data.distributors` (stdlib and kd3.errors only)."""
 
 from __future__ import annotations
 
@@ -20,8 +21,15 @@ def run_img2dataset(options: dict[str, Any], log_path: str) -> None:
 
     printed = io.StringIO()
     bar = contextlib.nullcontext() if sys.stderr.isatty() else contextlib.redirect_stderr(printed)
+    distributor = options.get("distributor", "multiprocessing")
+    if distributor == "multiprocessing":
+        cluster = contextlib.nullcontext()
+    else:  # a local cluster started here, so its workers inherit the crawl guard's proxy variables
+        from kd3.data.distributors import local_cluster
+
+        cluster = local_cluster(distributor, options["processes_count"])
     try:
-        with contextlib.redirect_stdout(printed), bar:
+        with contextlib.redirect_stdout(printed), bar, cluster:
             download(**options)
     finally:
         with open(log_path, "w", encoding="utf-8") as log:

@@ -8,7 +8,9 @@ duplicates, the crawl guard's counts). Failed URLs are recorded in the per-shard
 (``status``, ``error_message``), never fatal.
 
 Every request goes through :mod:`kd3.data.crawl_guard` (address policy per redirect hop, deadline,
-byte and pixel caps); the decoder in img2dataset's workers gets OpenCV's pixel limit as well.
+byte and pixel caps); the decoder in img2dataset's workers gets OpenCV's pixel limit as well. That holds
+for every ``download.distributor``: pyspark and ray run as a local cluster started in img2dataset's
+child process (:mod:`kd3.data.distributors`), so their workers inherit the guard's proxy variables.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from kd3.children import run_in_group
 from kd3.config import PipelineConfig, require_file, resolve_path
 from kd3.data.crawl_guard import GuardLimits, crawl_guard, guard_reason, proxied_environment
 from kd3.data.demo import PORT_PLACEHOLDER
+from kd3.data.distributors import require
 from kd3.data.img2dataset_job import run_img2dataset
 from kd3.data.loopback import LOOPBACK, serve_directory
 from kd3.data.manifest import read_url_list
@@ -52,6 +55,7 @@ def _url_list_path(cfg: PipelineConfig) -> Path:
 
 
 def check(cfg: PipelineConfig, run_dir: Path) -> dict[str, str]:
+    require(cfg.download.distributor, cfg.source)  # a missing extra, before anything is read or written
     url_list = require_file(cfg, "download.url_list", _url_list_path(cfg),
                             "write one with `kd3 demo-data` or point download.url_list at your URL list")
     read_url_list(url_list, cfg.download.url_column, cfg.download.caption_column,
@@ -170,8 +174,8 @@ def run(cfg: PipelineConfig, out: StageDir) -> dict[str, Any]:
     # the guard cannot sniff (https bodies, unknown formats)
     decoder_limit = {"OPENCV_IO_MAX_IMAGE_PIXELS": str(d.max_pixels)}
     if d.distributor != "multiprocessing":
-        log.warning(f"[{NAME}] distributor {d.distributor}: workers on other machines do not get the crawl guard "
-                    "(address policy, deadline, byte and pixel caps); use multiprocessing where that matters")
+        log.info(f"[{NAME}] distributor {d.distributor}: a local cluster on this machine with {d.processes_count} "
+                 "worker(s), every one behind the crawl guard")
     with server as base_url, _guard(cfg) as guard, proxied_environment(guard.url, decoder_limit):
         resolved = frame[[c for c in frame.columns if c in {"url", urls.caption_column, *urls.extra_columns}]].copy()
         if base_url is not None:

@@ -16,6 +16,8 @@ REPO = Path(__file__).resolve().parents[2]
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
 #: the modules only `kd3 demo-data` imports (kd3/data/demo.py), and their distributions
 DEMO_MODULES = {"sklearn": "scikit-learn", "skimage": "scikit-image", "mlxtend": "mlxtend"}
+#: img2dataset's distributors beyond multiprocessing: module → its extra (kd3/data/distributors.py only)
+DISTRIBUTOR_MODULES = {"pyspark": "spark", "ray": "ray"}
 
 
 def _name(requirement: str) -> str:
@@ -50,6 +52,11 @@ def test_every_imported_package_is_declared():
         if module in DEMO_MODULES:
             assert dists & demo, f"{module} belongs in the demo extra"
             assert files == {"kd3/data/demo.py"}, f"{module} is imported outside the demo data: {files}"
+        elif module in DISTRIBUTOR_MODULES:
+            extra = PYPROJECT["project"]["optional-dependencies"][DISTRIBUTOR_MODULES[module]]
+            assert module in {_name(r) for r in extra}, f"{module} belongs in the {DISTRIBUTOR_MODULES[module]} extra"
+            assert files == {"kd3/data/distributors.py"}, f"{module} is imported outside the distributors: {files}"
+            assert module not in declared, f"{module} must not be a hard dependency"
         elif not dists & declared:
             missing.append(f"{module} ({', '.join(sorted(files))})")
     assert not missing, f"imported but not declared in pyproject.toml dependencies: {missing}"
@@ -58,7 +65,8 @@ def test_every_imported_package_is_declared():
 
 
 def test_kd3_and_its_other_stages_import_without_the_demo_packages():
-    blocked = ", ".join(f"{m!r}: None" for m in DEMO_MODULES)  # an import of any of them fails
+    # an import of any of them fails; the distributors' packages are optional too
+    blocked = ", ".join(f"{m!r}: None" for m in [*DEMO_MODULES, *DISTRIBUTOR_MODULES])
     code = (f"import sys; sys.modules.update({{{blocked}}}); "
             "import kd3.cli, kd3.stages, kd3.commands; kd3.commands.discover(); "
             "from kd3.cli import build_parser; build_parser(); print('ok')")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import http.server
 import io
+import socketserver
 import struct
 import threading
 import time
@@ -56,6 +57,12 @@ class CountingServer(http.server.ThreadingHTTPServer):
         self.requests: list[str] = []
         self.bomb = bomb
         self.stop_drip = threading.Event()
+
+    def server_bind(self) -> None:
+        # HTTPServer.server_bind names the server with socket.getfqdn(host): a reverse lookup that,
+        # for 127.0.0.2 (not in /etc/hosts), sends a DNS query to the system's resolver, off loopback
+        socketserver.TCPServer.server_bind(self)
+        self.server_name, self.server_port = self.server_address[:2]
 
     @property
     def base(self) -> str:
