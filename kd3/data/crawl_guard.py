@@ -41,11 +41,11 @@ from dataclasses import dataclass
 from typing import Iterator, Optional
 from urllib.parse import urlsplit
 
+from kd3.data.loopback import LOOPBACK, LoopbackHTTPServer
 from kd3.data.urls import AddressPolicy, UrlRefused, normalize_url
 
 log = logging.getLogger(__name__)
 
-LOOPBACK = "127.0.0.1"
 GUARD_PREFIX = "kd3 guard: "
 #: environment variables urllib reads for proxies (both cases: urllib reads either)
 PROXY_VARIABLES = ("http_proxy", "https_proxy", "ftp_proxy")
@@ -411,11 +411,9 @@ class _GuardHandler(http.server.BaseHTTPRequestHandler):
     do_POST = do_PUT = do_DELETE = do_HEAD = do_OPTIONS = do_PATCH = _refuse_method
 
 
-class _GuardServer(http.server.ThreadingHTTPServer):
-    daemon_threads = True
-
+class _GuardServer(LoopbackHTTPServer):
     def __init__(self, policy: AddressPolicy, limits: GuardLimits) -> None:
-        super().__init__((LOOPBACK, 0), _GuardHandler)
+        super().__init__(LOOPBACK, _GuardHandler)
         self.policy, self.limits = policy, limits
         self.counts: collections.Counter[str] = collections.Counter()
         self._lock = threading.Lock()

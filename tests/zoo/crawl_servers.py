@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import http.server
 import io
-import socketserver
 import struct
 import threading
 import time
@@ -15,6 +14,8 @@ from urllib.parse import parse_qs, urlsplit
 
 import numpy as np
 from PIL import Image
+
+from kd3.data.loopback import LoopbackHTTPServer
 
 
 def png_bytes(width: int = 24, height: int = 16, value: int = 200) -> bytes:
@@ -45,24 +46,15 @@ def one_colour_png(width: int, height: int, rows_per_block: int = 1000) -> bytes
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
 
 
-class CountingServer(http.server.ThreadingHTTPServer):
+class CountingServer(LoopbackHTTPServer):
     """Routes: /img… (a small PNG), /redirect?to=URL (302), /drip (8 bytes a second), /bomb.png,
     /slow.png (the small PNG in 8 pieces, a quarter of a second apart: 2 s in all, then done)."""
 
-    daemon_threads = True
-
     def __init__(self, host: str, bomb: Optional[bytes] = None) -> None:
-        assert host.startswith("127."), "test servers bind to loopback only"
-        super().__init__((host, 0), _Handler)
+        super().__init__(host, _Handler)  # loopback only, no name lookup
         self.requests: list[str] = []
         self.bomb = bomb
         self.stop_drip = threading.Event()
-
-    def server_bind(self) -> None:
-        # HTTPServer.server_bind names the server with socket.getfqdn(host): a reverse lookup that,
-        # for 127.0.0.2 (not in /etc/hosts), sends a DNS query to the system's resolver, off loopback
-        socketserver.TCPServer.server_bind(self)
-        self.server_name, self.server_port = self.server_address[:2]
 
     @property
     def base(self) -> str:

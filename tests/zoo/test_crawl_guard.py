@@ -142,3 +142,21 @@ def test_other_methods_are_refused(guard):
     with socket.create_connection((host, port), timeout=5) as sock:
         sock.sendall(b"POST http://127.0.0.1:1/ HTTP/1.1\r\nContent-Length: 0\r\n\r\n")
         assert sock.recv(4096).startswith(b"HTTP/1.1 405 kd3 guard: method not allowed")
+
+
+def test_kd3_servers_bind_loopback_without_a_name_lookup(monkeypatch):
+    # HTTPServer would call socket.getfqdn: a DNS query for an address /etc/hosts does not list
+    import socket as socket_module
+
+    from kd3.data.loopback import LoopbackHTTPServer, serve_directory
+
+    def no_lookup(*args):
+        raise AssertionError("name lookup")
+
+    monkeypatch.setattr(socket_module, "getfqdn", no_lookup)
+    with crawl_guard(AddressPolicy(parse_networks(["127.0.0.1/32"])), LIMITS) as server:
+        assert server.server_name == "127.0.0.1"
+    with serve_directory(".") as base:
+        assert base.startswith("http://127.0.0.1:")
+    with pytest.raises(ValueError, match="loopback addresses only"):
+        LoopbackHTTPServer("0.0.0.0", None)

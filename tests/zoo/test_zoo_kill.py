@@ -8,10 +8,12 @@ import subprocess
 import sys
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
+
+from kd3.data.loopback import LoopbackHTTPServer
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
@@ -66,8 +68,7 @@ def test_kill_9_of_download_kills_the_img2dataset_workers(tmp_path):
         def log_message(self, *args):
             pass
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Stalling)
-    server.daemon_threads = True
+    server = LoopbackHTTPServer("127.0.0.1", Stalling)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     urls = tmp_path / "urls.txt"
     urls.write_text("".join(f"http://127.0.0.1:{server.server_address[1]}/{i}.png\n" for i in range(4)))
