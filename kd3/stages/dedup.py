@@ -131,6 +131,8 @@ class _EvalImages(_Images):
     features: Optional[np.ndarray]
     #: (name, size) per evaluation set, in the order their items are numbered
     sizes: list[tuple[str, int]]
+    #: the decoded images (uint8 [C, H, W]), for the verification of candidate pairs
+    images: list[np.ndarray]
 
 
 def _eval_images(cfg: PipelineConfig, run_dir: Path, scores: TeacherOutputs, progress: Progress) -> _EvalImages:
@@ -159,14 +161,15 @@ def _eval_images(cfg: PipelineConfig, run_dir: Path, scores: TeacherOutputs, pro
         sizes.append((d.name, len(images) - before))
     described = _describe(iter([(np.arange(len(images)), images)]), len(images), cfg, progress)
     return _EvalImages(described.digests, described.descriptors,
-                       D.unit_rows(torch.cat(features)) if features else None, sizes)
+                       D.unit_rows(torch.cat(features)) if features else None, sizes, images)
 
 
 def _similar(cfg: PipelineConfig, scores: TeacherOutputs, run_dir: Path, pool: _Images, reps: np.ndarray,
              evaluation: _EvalImages, progress: Progress) -> tuple[D.Pairs, D.Pairs]:
     """Similar (pool, pool) and (pool, evaluation) pairs among the exact-duplicate representatives
     ``reps``: every enabled threshold met. Perceptual candidates come from the translated views of
-    each representative against the untranslated descriptors; the teacher features filter them."""
+    each representative against the untranslated descriptors; the teacher features filter them,
+    then (dedup.verify_similarity) the aligned correlation of each candidate pair decides."""
     c = cfg.dedup
     features = D.unit_rows(scores.features) if c.feature_similarity is not None else None
     has_eval = len(evaluation.digests) > 0
@@ -191,6 +194,8 @@ def _similar(cfg: PipelineConfig, scores: TeacherOutputs, run_dir: Path, pool: _
             eval_parts.append((rows[i], j, s))
         progress.update(len(rows))
     pool_pairs, eval_pairs = D.concat_pairs(pool_parts), D.concat_pairs(eval_parts)
+    # counted before verification and in both orders (the pool pairs) or once (the evaluation pairs)
+    log.info(f"[{NAME}] perceptual candidates: {len(pool_pairs[0])} pool pairs, {len(eval_pairs[0])} evaluation pairs")
     if features is not None:
         i, j, s = pool_pairs
         keep = D.pair_cosine(features, features, i, j) >= c.feature_similarity
@@ -199,7 +204,39 @@ def _similar(cfg: PipelineConfig, scores: TeacherOutputs, run_dir: Path, pool: _
             i, j, s = eval_pairs
             keep = D.pair_cosine(features, evaluation.features, i, j) >= c.feature_similarity
             eval_pairs = i[keep], j[keep], s[keep]
+    if c.verify_similarity is not None:  # the final word on every perceptual candidate
+        pool_pairs, eval_pairs = _verify(cfg, scores, run_dir, pool_pairs, eval_pairs, evaluation)
     return pool_pairs, eval_pairs
+
+
+def _verify(cfg: PipelineConfig, scores: TeacherOutputs, run_dir: Path, pool_pairs: D.Pairs, eval_pairs: D.Pairs,
+            evaluation: _EvalImages) -> tuple[D.Pairs, D.Pairs]:
+    """The candidate pairs whose aligned correlation (:func:`kd3.methods.dedup.aligned_similarity`)
+    reaches dedup.verify_similarity, that correlation as their similarity. Only the images in a
+    candidate pair are read again and brought to the verification size."""
+    c = cfg.dedup
+    i, j, _ = pool_pairs
+    # the range search gives each pool pair in both orders (and each image with itself): verify each once
+    later, earlier = np.maximum(i, j), np.minimum(i, j)
+    pool_i, pool_j = (np.unique(np.stack([later, earlier], 1)[later != earlier], axis=0).T if len(i)
+                      else (np.zeros(0, np.int64), np.zeros(0, np.int64)))
+    eval_i, eval_j, _ = eval_pairs
+    rows = np.unique(np.concatenate([pool_i, pool_j, eval_i])).astype(np.int64)
+    local = np.full(len(scores.frame), -1, np.int64)
+    local[rows] = np.arange(len(rows))
+    images = torch.zeros((len(rows), 3, c.verify_size, c.verify_size))
+    for batch_rows, batch in _pool_images(scores, run_dir, rows):
+        images[local[batch_rows]] = D.verification_images(batch, c.verify_size)
+    s, _ = D.aligned_similarity(images, images, local[pool_i], local[pool_j], c.verify_shift)
+    keep = s >= c.verify_similarity
+    verified_pool = pool_i[keep], pool_j[keep], s[keep]
+    items = np.unique(eval_j)
+    eval_local = np.full(len(evaluation.digests), -1, np.int64)
+    eval_local[items] = np.arange(len(items))
+    eval_images = D.verification_images([evaluation.images[e] for e in items.tolist()], c.verify_size)
+    s, _ = D.aligned_similarity(images, eval_images, local[eval_i], eval_local[eval_j], c.verify_shift)
+    keep = s >= c.verify_similarity
+    return verified_pool, (eval_i[keep], eval_j[keep], s[keep])
 
 
 def _manifests(scores: TeacherOutputs, removal: D.Removal, eval_sizes: list[tuple[str, int]],
