@@ -454,11 +454,11 @@ class DedupSection(Section):
     #: verification of each candidate pair: the best aligned correlation (both images at verify_size²,
     #: every integer translation up to ±verify_shift, each channel of the overlap centred) at or above
     #: which a candidate is a copy; None: no verification, the candidates are the copies
-    verify_similarity: Optional[float] = Field(default=0.985, ge=-1, le=1)
+    verify_similarity: Optional[float] = Field(default=0.99, ge=-1, le=1)
     #: edge in pixels of the common resolution candidate pairs are aligned at
-    verify_size: int = Field(default=32, ge=4, le=256)
+    verify_size: int = Field(default=64, ge=4, le=256)
     #: translations tried in verification: up to ±verify_shift pixels (of verify_size) in x and y
-    verify_shift: int = Field(default=2, ge=0, le=16)
+    verify_shift: int = Field(default=4, ge=0, le=16)
     #: cosine of the teacher's pooled features (score cache) a pair must also reach; None: not used
     feature_similarity: Optional[float] = Field(default=None, ge=-1, le=1)
     #: names of evaluate.datasets to decontaminate against; None: all of them (none without an

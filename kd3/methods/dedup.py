@@ -251,7 +251,7 @@ def _window_sums(x: torch.Tensor, offsets: Sequence[tuple[int, int]], moving: bo
 
 
 def aligned_similarity(a: torch.Tensor, b: torch.Tensor, i: np.ndarray, j: np.ndarray, max_shift: int,
-                       chunk: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+                       chunk: int = 1024) -> tuple[np.ndarray, np.ndarray]:
     """The aligned correlation of each candidate pair (a[i[k]], b[j[k]]): images float [Na, C, H, W]
     and [Nb, C, H, W] of one size (:func:`verification_images`) → (score float32 [K], best
     translation int64 [K, 2] as (dy, dx)).
