@@ -13,8 +13,12 @@ Signals, cheapest first:
   and barely moved by resizing and re-encoding; translated views of the query (steps of a quarter
   thumbnail pixel) let a copy shifted by a pixel or two match its original.
 - **teacher**: cosine of the teacher's pooled features (the score cache's ``feature`` column).
+- **verification**: each perceptual candidate pair brought to one resolution and aligned over small
+  integer translations, scored by the correlation of the overlap, each channel centred
+  (:func:`aligned_similarity`): a shifted copy aligned differs only at the border, two look-alike
+  digits aligned still differ by their strokes. Cheap retrieval at a loose threshold, then this.
 
-A pair is *similar* when every enabled threshold holds (exact faiss range searches). Removal is greedy in pool order
+A pair is *similar* when every enabled threshold holds (exact faiss range searches, then verification). Removal is greedy in pool order
 (score-cache row order = (shard, key) order = URL-list order): a sample is kept unless it is
 similar to a sample kept before it, so every removed sample names a kept one within the
 threshold (no chains), and the result does not depend on thread counts or faiss internals.
