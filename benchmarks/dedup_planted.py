@@ -3,8 +3,8 @@
 Copies a finished run's ``demo-data`` (teacher, evaluation sets, web pool), plants light edits
 (kd3.bench.planted.EDITS: identical copy, resize ±10 %, JPEG q85, +10 grey levels, 1-px shift) of
 ``--pool-copies`` pool images and of ``--eval-copies`` images of each evaluation set into the web
-pool, downloads and scores it, runs ``kd3 dedup`` at each ``--thresholds`` value of
-``dedup.perceptual_similarity`` and prints recall (planted copies removed with the right match)
+pool, downloads and scores it, runs ``kd3 dedup`` at each ``--thresholds`` value of ``--sweep``
+(default ``dedup.verify_similarity``) and prints recall (planted copies removed with the right match)
 and precision (removed samples that were planted). ``--repeated N`` instead crawls N URLs behind
 ``--distinct`` files (query strings differ) and prints how many samples dedup keeps.
 
@@ -43,7 +43,8 @@ def main_(argv: list[str] | None = None) -> int:
     ap.add_argument("--config", default=str(REPO / "pipelines" / "demo.yaml"))
     ap.add_argument("--pool-copies", type=int, default=120)
     ap.add_argument("--eval-copies", type=int, default=60, help="per evaluation set")
-    ap.add_argument("--thresholds", type=float, nargs="+", default=[0.99, 0.992, 0.994, 0.995])
+    ap.add_argument("--sweep", default="dedup.verify_similarity", help="the config key --thresholds sets")
+    ap.add_argument("--thresholds", type=float, nargs="+", default=[0.98, 0.985, 0.99])
     ap.add_argument("--repeated", type=int, default=0, help="crawl this many URLs behind --distinct files instead")
     ap.add_argument("--distinct", type=int, default=40)
     ap.add_argument("--seed", type=int, default=0)
@@ -71,16 +72,17 @@ def main_(argv: list[str] | None = None) -> int:
     results = []
     downloaded = pd.read_parquet(out / layout.DOWNLOAD / layout.URL_LIST)
     for t in args.thresholds:
-        _stage("dedup", args.config, out, url_list, *args.overrides, f"dedup.perceptual_similarity={t}",
+        _stage("dedup", args.config, out, url_list, *args.overrides, f"{args.sweep}={t}",
                mode="--overwrite")
         removed = pd.read_parquet(layout.dedup_removed(out))
         meta = json.loads((out / layout.DEDUP / "meta.json").read_text())["counts"]
         if args.repeated:
-            result = {"threshold": t, "urls": args.repeated, "distinct_files": args.distinct, "pool": meta["pool"],
+            result = {args.sweep: t, "urls": args.repeated, "distinct_files": args.distinct, "pool": meta["pool"],
                       "distinct_pixels": meta["distinct_pixels"], "kept": meta["kept"],
                       "removed_by_reason": meta["removed_by_reason"]}
         else:
-            result = {"threshold": t, **score_planted(removed, downloaded)}
+            result = {args.sweep: t, **score_planted(removed, downloaded)}
+        result["dedup_seconds"] = meta.get("seconds")
         results.append(result)
         print(json.dumps(result))
     if args.json:

@@ -469,14 +469,23 @@ class DedupSection(Section):
     an evaluation image (kd3/methods/dedup.py). Select and train leave the removed samples out when
     their ``exclude`` key names ``{run}/dedup/removed.parquet``."""
 
-    #: cosine of the perceptual descriptors (grey thumbnail, centred, unit norm; best of the translated
-    #: views) at or above which two images are copies; None: exact duplicates only
-    perceptual_similarity: Optional[float] = Field(default=0.995, ge=0, le=1)
+    #: candidate retrieval: cosine of the perceptual descriptors (RGB thumbnail, each channel centred,
+    #: unit norm; best of the translated views) at or above which a pair is a candidate (a copy
+    #: itself when verify_similarity is None); None: exact duplicates only
+    perceptual_similarity: Optional[float] = Field(default=0.93, ge=0, le=1)
     #: edge of the perceptual thumbnail in pixels
-    perceptual_size: int = Field(default=16, ge=4, le=64)
+    perceptual_size: int = Field(default=8, ge=4, le=64)
     #: translations tried: up to ±max_shift quarter pixels of the thumbnail in x and y, (2·max_shift+1)²
-    #: views (2 = ±1 pixel of a 32-px image at perceptual_size 16)
-    max_shift: int = Field(default=2, ge=0, le=4)
+    #: views (1 = ±1 pixel of a 32-px image at perceptual_size 8)
+    max_shift: int = Field(default=1, ge=0, le=4)
+    #: verification of each candidate pair: the best aligned correlation (both images at verify_size²,
+    #: every integer translation up to ±verify_shift, each channel of the overlap centred) at or above
+    #: which a candidate is a copy; None: no verification, the candidates are the copies
+    verify_similarity: Optional[float] = Field(default=0.99, ge=-1, le=1)
+    #: edge in pixels of the common resolution candidate pairs are aligned at
+    verify_size: int = Field(default=64, ge=4, le=256)
+    #: translations tried in verification: up to ±verify_shift pixels (of verify_size) in x and y
+    verify_shift: int = Field(default=4, ge=0, le=16)
     #: cosine of the teacher's pooled features (score cache) a pair must also reach; None: not used
     feature_similarity: Optional[float] = Field(default=None, ge=-1, le=1)
     #: names of evaluate.datasets to decontaminate against; None: all of them (none without an

@@ -131,7 +131,8 @@ def _dedup_html(view: DedupView, out_dir: Path) -> str:
     if view.sheet is not None:
         href = _href(out_dir, view.sheet)
         parts.append(f'<p class="note">The {len(view.rows)} closest calls (lowest similarity first): each pair is the '
-                     f'removed sample, then its nearest match.</p><a href="{href}"><img src="{href}" '
+                     f'removed sample, then its nearest match; similarity: the verified aligned correlation when '
+                     f'dedup.verify_similarity is set, else the perceptual cosine.</p><a href="{href}"><img src="{href}" '
                      'alt="removed samples and their nearest matches"></a>')
         rows = "".join(f"<tr><td>{_esc(r['reason'])}</td><td><code>{_esc(r['uid'])}</code></td>"
                        f"<td><code>{_esc(r['nearest'])}</code></td><td class=\"num\">{r['similarity']:.4f}</td>"

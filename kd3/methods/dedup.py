@@ -13,8 +13,12 @@ Signals, cheapest first:
   and barely moved by resizing and re-encoding; translated views of the query (steps of a quarter
   thumbnail pixel) let a copy shifted by a pixel or two match its original.
 - **teacher**: cosine of the teacher's pooled features (the score cache's ``feature`` column).
+- **verification**: each perceptual candidate pair brought to one resolution and aligned over small
+  integer translations, scored by the correlation of the overlap, each channel centred
+  (:func:`aligned_similarity`): a shifted copy aligned differs only at the border, two look-alike
+  digits aligned still differ by their strokes. Cheap retrieval at a loose threshold, then this.
 
-A pair is *similar* when every enabled threshold holds (exact faiss range searches). Removal is greedy in pool order
+A pair is *similar* when every enabled threshold holds (exact faiss range searches, then verification). Removal is greedy in pool order
 (score-cache row order = (shard, key) order = URL-list order): a sample is kept unless it is
 similar to a sample kept before it, so every removed sample names a kept one within the
 threshold (no chains), and the result does not depend on thread counts or faiss internals.
@@ -214,3 +218,84 @@ def plan_removal(pool_digests: Sequence[str], eval_digests: Sequence[str], pool_
             kept[a] = False
             reason[a], nearest[a], similarity[a] = NEAR, match[0], match[1]
     return Removal(reason, nearest, similarity)
+
+
+def verification_images(images: Sequence[np.ndarray | torch.Tensor], size: int) -> torch.Tensor:
+    """Decoded uint8 images [C, H, W] (any sizes, 1 or 3 channels) → float32 [N, 3, size, size]: each
+    in RGB (grey repeated), resized to size×size with antialiasing — the common resolution at which
+    candidate pairs are aligned and compared (a resized copy is brought back to its original's size)."""
+    out = torch.zeros((len(images), 3, size, size), dtype=torch.float32)
+    for k, image in enumerate(images):
+        x = image if isinstance(image, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(image))
+        x = match_channels(x, 3).float()
+        out[k] = TF.resize(x, [size, size], antialias=True) if tuple(x.shape[-2:]) != (size, size) else x
+    return out
+
+
+def shifts(max_shift: int) -> list[tuple[int, int]]:
+    """The translations (dy, dx) ∈ [-max_shift, max_shift]², (0, 0) first."""
+    return [(0, 0)] + [(dy, dx) for dy in range(-max_shift, max_shift + 1)
+                       for dx in range(-max_shift, max_shift + 1) if (dy, dx) != (0, 0)]
+
+
+def _window_sums(x: torch.Tensor, offsets: Sequence[tuple[int, int]], moving: bool) -> torch.Tensor:
+    """Sums of x [N, C, H, W] over the overlap window of each translation (dy, dx) — the fixed
+    image's window (``moving`` False) or the translated one's (True) — from one integral image
+    → [N, C, S] float64."""
+    _, _, h, w = x.shape
+    integral = torch.nn.functional.pad(x.double().cumsum(2).cumsum(3), (1, 0, 1, 0))
+    sums = []
+    for dy, dx in offsets:
+        if moving:
+            y0, y1, x0, x1 = max(0, dy), h + min(0, dy), max(0, dx), w + min(0, dx)
+        else:
+            y0, y1, x0, x1 = max(0, -dy), h - max(0, dy), max(0, -dx), w - max(0, dx)
+        sums.append(integral[..., y1, x1] - integral[..., y0, x1] - integral[..., y1, x0] + integral[..., y0, x0])
+    return torch.stack(sums, -1)
+
+
+def aligned_similarity(a: torch.Tensor, b: torch.Tensor, i: np.ndarray, j: np.ndarray, max_shift: int,
+                       chunk: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+    """The aligned correlation of each candidate pair (a[i[k]], b[j[k]]): images float [Na, C, H, W]
+    and [Nb, C, H, W] of one size (:func:`verification_images`) → (score float32 [K], best
+    translation int64 [K, 2] as (dy, dx)).
+
+    For every translation (dy, dx) ∈ [-max_shift, max_shift]² of b against a (b's pixel (y + dy,
+    x + dx) over a's pixel (y, x)), the two images are cut to their overlap, each channel of each
+    cut minus its own mean, and compared by correlation (dot product over both norms): blind to a
+    brightness offset and a contrast change, and unmoved by what a translation pushes in at the
+    border. The score is the best translation's correlation (the earliest of :func:`shifts` on
+    ties); an overlap that is constant in either image scores 0. Per pair only the dot products
+    are computed (one grouped convolution of b, zero-padded, with a, for every translation at
+    once); the overlap sums are per image, from integral images."""
+    i, j = np.asarray(i, dtype=np.int64), np.asarray(j, dtype=np.int64)
+    offsets = shifts(max_shift)
+    if len(i) == 0:
+        return np.zeros(0, np.float32), np.zeros((0, 2), np.int64)
+    _, c, h, w = a.shape
+    m = max_shift
+    # centred per image and channel first, so that the moments below cancel little in float32
+    a = (a - a.mean((2, 3), keepdim=True)).float()
+    b = (b - b.mean((2, 3), keepdim=True)).float()
+    sa, saa = _window_sums(a, offsets, False), _window_sums(a * a, offsets, False)  # [Na, C, S]
+    sb, sbb = _window_sums(b, offsets, True), _window_sums(b * b, offsets, True)
+    n = torch.tensor([(h - abs(dy)) * (w - abs(dx)) for dy, dx in offsets], dtype=torch.float64)
+    var_a, var_b = (saa - sa * sa / n).sum(1), (sbb - sb * sb / n).sum(1)  # [N, S]
+    padded = torch.nn.functional.pad(b, (m, m, m, m))
+    flat = [(m + dy) * (2 * m + 1) + (m + dx) for dy, dx in offsets]
+    scores = np.zeros(len(i), np.float32)
+    where = np.zeros((len(i), 2), np.int64)
+    for start in range(0, len(i), chunk):
+        ii, jj = torch.from_numpy(i[start:start + chunk]), torch.from_numpy(j[start:start + chunk])
+        k = len(ii)
+        # cross[k, c, m + dy, m + dx] = Σ a(y, x)·b(y + dy, x + dx) over the overlap (b is 0 outside it)
+        cross = torch.nn.functional.conv2d(padded[jj].reshape(1, k * c, h + 2 * m, w + 2 * m),
+                                           a[ii].reshape(k * c, 1, h, w), groups=k * c)
+        sab = cross.reshape(k, c, -1)[..., flat].double()  # [k, C, S]
+        cov = (sab - sa[ii] * sb[jj] / n).sum(1)
+        var = (var_a[ii] * var_b[jj]).clamp_min(0)
+        score = torch.where(var > 1e-12 * n * n, cov / var.sqrt().clamp_min(1e-300), torch.zeros_like(cov))
+        best = score.argmax(1)  # the first maximum: the earliest translation on ties
+        scores[start:start + k] = score.gather(1, best[:, None])[:, 0].clamp(-1, 1).float().numpy()
+        where[start:start + k] = np.asarray(offsets, np.int64)[best.numpy()]
+    return scores, where

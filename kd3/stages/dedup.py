@@ -29,7 +29,7 @@ import pandas as pd
 import torch
 
 from kd3 import layout
-from kd3.config import PipelineConfig, resolve_path
+from kd3.config import DedupSection, PipelineConfig, resolve_path
 from kd3.data import eval_sets
 from kd3.data.images import normalize, prepare_uint8
 from kd3.data.score_cache import TeacherOutputs, load_teacher_outputs
@@ -131,6 +131,8 @@ class _EvalImages(_Images):
     features: Optional[np.ndarray]
     #: (name, size) per evaluation set, in the order their items are numbered
     sizes: list[tuple[str, int]]
+    #: the decoded images (uint8 [C, H, W]), for the verification of candidate pairs
+    images: list[np.ndarray]
 
 
 def _eval_images(cfg: PipelineConfig, run_dir: Path, scores: TeacherOutputs, progress: Progress) -> _EvalImages:
@@ -159,14 +161,15 @@ def _eval_images(cfg: PipelineConfig, run_dir: Path, scores: TeacherOutputs, pro
         sizes.append((d.name, len(images) - before))
     described = _describe(iter([(np.arange(len(images)), images)]), len(images), cfg, progress)
     return _EvalImages(described.digests, described.descriptors,
-                       D.unit_rows(torch.cat(features)) if features else None, sizes)
+                       D.unit_rows(torch.cat(features)) if features else None, sizes, images)
 
 
 def _similar(cfg: PipelineConfig, scores: TeacherOutputs, run_dir: Path, pool: _Images, reps: np.ndarray,
              evaluation: _EvalImages, progress: Progress) -> tuple[D.Pairs, D.Pairs]:
     """Similar (pool, pool) and (pool, evaluation) pairs among the exact-duplicate representatives
     ``reps``: every enabled threshold met. Perceptual candidates come from the translated views of
-    each representative against the untranslated descriptors; the teacher features filter them."""
+    each representative against the untranslated descriptors; the teacher features filter them,
+    then (dedup.verify_similarity) the aligned correlation of each candidate pair decides."""
     c = cfg.dedup
     features = D.unit_rows(scores.features) if c.feature_similarity is not None else None
     has_eval = len(evaluation.digests) > 0
@@ -191,6 +194,8 @@ def _similar(cfg: PipelineConfig, scores: TeacherOutputs, run_dir: Path, pool: _
             eval_parts.append((rows[i], j, s))
         progress.update(len(rows))
     pool_pairs, eval_pairs = D.concat_pairs(pool_parts), D.concat_pairs(eval_parts)
+    # counted before verification and in both orders (the pool pairs) or once (the evaluation pairs)
+    log.info(f"[{NAME}] perceptual candidates: {len(pool_pairs[0])} pool pairs, {len(eval_pairs[0])} evaluation pairs")
     if features is not None:
         i, j, s = pool_pairs
         keep = D.pair_cosine(features, features, i, j) >= c.feature_similarity
@@ -199,7 +204,55 @@ def _similar(cfg: PipelineConfig, scores: TeacherOutputs, run_dir: Path, pool: _
             i, j, s = eval_pairs
             keep = D.pair_cosine(features, evaluation.features, i, j) >= c.feature_similarity
             eval_pairs = i[keep], j[keep], s[keep]
+    if c.verify_similarity is not None:  # the final word on every perceptual candidate
+        pool_pairs, eval_pairs = _verify(cfg, scores, run_dir, pool_pairs, eval_pairs, evaluation)
     return pool_pairs, eval_pairs
+
+
+def _verify(cfg: PipelineConfig, scores: TeacherOutputs, run_dir: Path, pool_pairs: D.Pairs, eval_pairs: D.Pairs,
+            evaluation: _EvalImages) -> tuple[D.Pairs, D.Pairs]:
+    """The candidate pairs whose aligned correlation (:func:`kd3.methods.dedup.aligned_similarity`)
+    reaches dedup.verify_similarity, that correlation as their similarity. Only the images in a
+    candidate pair are read again and brought to the verification size."""
+    c = cfg.dedup
+    i, j, _ = pool_pairs
+    # the range search gives each pool pair in both orders (and each image with itself): verify each once
+    later, earlier = np.maximum(i, j), np.minimum(i, j)
+    pool_i, pool_j = (np.unique(np.stack([later, earlier], 1)[later != earlier], axis=0).T if len(i)
+                      else (np.zeros(0, np.int64), np.zeros(0, np.int64)))
+    eval_i, eval_j, _ = eval_pairs
+    rows = np.unique(np.concatenate([pool_i, pool_j, eval_i])).astype(np.int64)
+    local = np.full(len(scores.frame), -1, np.int64)
+    local[rows] = np.arange(len(rows))
+    images = torch.zeros((len(rows), 3, c.verify_size, c.verify_size))
+    grey = np.zeros(len(rows), dtype=bool)
+    for batch_rows, batch in _pool_images(scores, run_dir, rows):
+        images[local[batch_rows]] = D.verification_images(batch, c.verify_size)
+        grey[local[batch_rows]] = [image.shape[0] == 1 for image in batch]
+    verified_pool = _verified(images, grey, images, grey, local[pool_i], local[pool_j], c)
+    items = np.unique(eval_j)
+    eval_local = np.full(len(evaluation.digests), -1, np.int64)
+    eval_local[items] = np.arange(len(items))
+    chosen = [evaluation.images[e] for e in items.tolist()]
+    eval_grey = np.array([image.shape[0] == 1 for image in chosen], dtype=bool)
+    verified_eval = _verified(images, grey, D.verification_images(chosen, c.verify_size), eval_grey,
+                              local[eval_i], eval_local[eval_j], c)
+    keep_pool, keep_eval = verified_pool >= c.verify_similarity, verified_eval >= c.verify_similarity
+    return ((pool_i[keep_pool], pool_j[keep_pool], verified_pool[keep_pool]),
+            (eval_i[keep_eval], eval_j[keep_eval], verified_eval[keep_eval]))
+
+
+def _verified(a: torch.Tensor, a_grey: np.ndarray, b: torch.Tensor, b_grey: np.ndarray, i: np.ndarray,
+              j: np.ndarray, c: DedupSection) -> np.ndarray:
+    """Aligned correlation of the pairs (a[i[k]], b[j[k]]); a pair of two grey images is compared on one
+    channel, which gives the same correlation (its three channels are equal) at a third of the cost."""
+    scores = np.zeros(len(i), np.float32)
+    both_grey = a_grey[i] & b_grey[j]
+    for subset, channels in ((both_grey, slice(0, 1)), (~both_grey, slice(0, 3))):
+        if subset.any():
+            scores[subset], _ = D.aligned_similarity(a[:, channels], b[:, channels], i[subset], j[subset],
+                                                     c.verify_shift)
+    return scores
 
 
 def _manifests(scores: TeacherOutputs, removal: D.Removal, eval_sizes: list[tuple[str, int]],

@@ -116,3 +116,65 @@ def test_read_uids_from_parquet_and_text(tmp_path):
     pd.DataFrame({"id": ["u1"]}).to_parquet(tmp_path / "bad.parquet")
     with pytest.raises(Exception, match="needs a 'uid' column"):
         read_uids(tmp_path / "bad.parquet")
+
+
+def _grey(rows) -> torch.Tensor:
+    return torch.tensor(rows, dtype=torch.float32)[None, None]  # [1, 1, H, W]
+
+
+_FOUR = [[0, 0, 0, 0],
+         [0, 8, 0, 0],
+         [0, 4, 4, 0],
+         [0, 0, 0, 0]]
+
+
+def test_aligned_similarity_finds_a_one_pixel_shift_golden():
+    a = _grey(_FOUR)
+    # the planted edit: moved down and right one pixel, the top row and left column repeated
+    b = _grey(np.pad(np.array(_FOUR), ((1, 0), (1, 0)), mode="edge")[:4, :4].tolist())
+    assert b[0, 0].tolist() == [[0, 0, 0, 0], [0, 0, 0, 0], [0, 0, 8, 0], [0, 0, 4, 4]]
+    # at (dy, dx) = (1, 1) the overlaps a[0:3, 0:3] and b[1:4, 1:4] are the same 3×3 image
+    s, where = D.aligned_similarity(a, b, [0], [0], max_shift=1)
+    assert s[0] == pytest.approx(1.0, abs=1e-6) and where.tolist() == [[1, 1]]
+    # untranslated, by hand: both have mean 1 over 16 pixels; Σab = 4·8 = 32, so the covariance is
+    # 32 - 16 = 16 and each variance 64 + 16 + 16 - 16 = 80: correlation 16/80
+    s, where = D.aligned_similarity(a, b, [0], [0], max_shift=0)
+    assert s[0] == pytest.approx(0.2, abs=1e-6) and where.tolist() == [[0, 0]]
+    # symmetric: b against a is the same score at the opposite translation
+    s, where = D.aligned_similarity(b, a, [0], [0], max_shift=1)
+    assert s[0] == pytest.approx(1.0, abs=1e-6) and where.tolist() == [[-1, -1]]
+
+
+def test_aligned_similarity_is_blind_to_brightness_and_contrast_and_pairs_by_index():
+    a = _grey(_FOUR)
+    images = torch.cat([a, a + 10, 2 * a + 3, _grey([[0] * 4] * 4) + 7])
+    s, where = D.aligned_similarity(images, images, [1, 2, 3, 0], [0, 0, 0, 0], max_shift=1)
+    np.testing.assert_allclose(s[:2], [1.0, 1.0], atol=1e-6)
+    assert where[:2].tolist() == [[0, 0], [0, 0]]  # untranslated: the earliest of the best
+    assert s[2] == 0.0  # a constant image matches nothing
+    assert s[3] == pytest.approx(1.0, abs=1e-6) and s.dtype == np.float32 and where.dtype == np.int64
+
+
+def test_aligned_similarity_of_different_images_golden():
+    # centred: a = [.75, -.25, -.25, -.25], b = [-.25, .75, -.25, -.25]; dot -0.25, each norm² 0.75
+    s, _ = D.aligned_similarity(_grey([[1, 0], [0, 0]]), _grey([[0, 1], [0, 0]]), [0], [0], max_shift=0)
+    assert s[0] == pytest.approx(-1 / 3, abs=1e-6)
+    s, _ = D.aligned_similarity(_grey([[1, 0], [0, 0]]), _grey([[0, 1], [0, 0]]), [], [], max_shift=0)
+    assert s.shape == (0,)
+
+
+def test_aligned_similarity_adds_each_channels_moments():
+    # two channels, each centred on its own: channel 0 identical, channel 1 of b negated → cov 0
+    a = torch.tensor([[[[1.0, 0.0]], [[0.0, 2.0]]]])  # [1, 2, 1, 2]
+    b = torch.tensor([[[[1.0, 0.0]], [[2.0, 0.0]]]])
+    s, _ = D.aligned_similarity(a, b, [0], [0], max_shift=0)
+    # centred: a = [.5, -.5 | -1, 1], b = [.5, -.5 | 1, -1]: dot 0.5 - 2 = -1.5, norms² 2.5 → -0.6
+    assert s[0] == pytest.approx(-0.6, abs=1e-6)
+
+
+def test_verification_images_common_size_and_rgb():
+    grey = np.arange(16, dtype=np.uint8).reshape(1, 4, 4)
+    out = D.verification_images([grey, np.repeat(grey, 3, axis=0), np.zeros((3, 8, 8), np.uint8)], 4)
+    assert out.shape == (3, 3, 4, 4) and out.dtype == torch.float32
+    assert torch.equal(out[0], out[1]) and torch.equal(out[0, 2], torch.arange(16.0).reshape(4, 4))
+    assert not out[2].any()
