@@ -19,8 +19,8 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from torchvision.transforms.v2 import functional as TF
 
+from kd3.data.images import resize_square
 from kd3.errors import Kd3Error
 
 if TYPE_CHECKING:
@@ -52,7 +52,7 @@ def private_digits(image_size: int, test_fraction: float, seed: int, color: Sequ
 
     digits = sklearn.load_digits()
     images = torch.from_numpy(np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)).unsqueeze(1)
-    images = TF.resize(images, [image_size, image_size], antialias=True)
+    images = resize_square(images, image_size)
     if color is not None:
         scale = torch.tensor([float(c) for c in color]).view(1, 3, 1, 1) / 255.0
         images = (images.float() * scale).round().clamp(0, 255).to(torch.uint8)
@@ -140,14 +140,16 @@ def shift_digit(digit: np.ndarray, shift: DigitShift, rng: np.random.Generator) 
         x = sign * F.max_pool2d(padded, k + 1, stride=1)
     canvas = shift.canvas
     size = max(4, min(canvas, int(round(scale * canvas))))
-    x = TF.resize(x, [size, size], antialias=True).clamp(0, 1)
+    x = resize_square(x, size).clamp(0, 1)
     top = int(math.floor(u[5] * (canvas - size + 1)))
     left = int(math.floor(u[6] * (canvas - size + 1)))
     frame = torch.zeros(1, 1, canvas, canvas)
     frame[..., top:top + size, left:left + size] = x
     if sigma > 0:
         kernel = 2 * int(math.ceil(3 * sigma)) + 1
-        frame = TF.gaussian_blur(frame, [kernel, kernel], [sigma, sigma])
+        from torchvision.transforms.v2.functional import gaussian_blur  # here: torchvision costs ~2.5 s to import
+
+        frame = gaussian_blur(frame, [kernel, kernel], [sigma, sigma])
     frame = (background + contrast * frame).clamp(0, 1)[0, 0].numpy()
     if shift.tint[1] > 0:
         frame = frame[..., None] * _hue_color(hue, saturation)

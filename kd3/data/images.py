@@ -7,11 +7,11 @@ and normalised by exactly the same code, with the model's own :class:`InputSpec`
 from __future__ import annotations
 
 import io
+import platform
 
 import numpy as np
 import torch
 from PIL import Image
-from torchvision.transforms.v2 import functional as TF
 
 from kd3.models.spec import InputSpec
 
@@ -57,11 +57,39 @@ def match_channels(image: torch.Tensor, channels: int) -> torch.Tensor:
     raise ValueError(f"cannot convert a {c}-channel image to {channels} channels")
 
 
+def _native_uint8_resize() -> bool:
+    """Whether torch resizes uint8 directly on this CPU (its AVX2 / AVX-512 / ARM kernels) rather
+    than through float: torchvision's rule, so both give the same pixels."""
+    return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512") or platform.machine() in ("aarch64", "arm64")
+
+
+def resize_square(image: torch.Tensor, size: int) -> torch.Tensor:
+    """Images [..., C, H, W] (uint8 or float) → [..., C, size, size], bilinear with antialiasing:
+    pixel for pixel what ``torchvision.transforms.v2.functional.resize(image, [size, size],
+    antialias=True)`` gives (tests/unit/test_images.py compares them). Written against torch
+    directly because importing torchvision costs every stage process ~2.5 s (it loads torch._dynamo)."""
+    *lead, channels, height, width = image.shape
+    if (height, width) == (size, size) or image.numel() == 0:
+        return image
+    x = image.reshape(-1, channels, height, width)
+    if x.shape[0] == 1 and x.is_contiguous(memory_format=torch.channels_last) and x.numel() != x.stride(0):
+        # one channels-last image (a decoded HWC array seen as CHW): give it a batch stride that
+        # keeps it unambiguously channels-last, so interpolate's output stays channels-last as well
+        x = x.as_strided(x.shape, (x.numel(), *x.stride()[1:]))
+    native = x.dtype in (torch.float32, torch.float64) or (
+        x.dtype == torch.uint8 and x.device.type == "cpu" and _native_uint8_resize())
+    y = torch.nn.functional.interpolate(x if native else x.float(), size=[size, size], mode="bilinear",
+                                        align_corners=False, antialias=True)
+    if not native:  # through float32: integers rounded back, as torchvision does
+        y = (y if image.dtype.is_floating_point else y.round_()).to(image.dtype)
+    return y.reshape(*lead, channels, size, size)
+
+
 def prepare_uint8(image: torch.Tensor, spec: InputSpec) -> torch.Tensor:
     """uint8 [C, H, W] (or [N, C, H, W]) → uint8 at the model's channel count and square size."""
     image = match_channels(image, spec.channels)
     if tuple(image.shape[-2:]) != (spec.image_size, spec.image_size):
-        image = TF.resize(image, [spec.image_size, spec.image_size], antialias=True)
+        image = resize_square(image, spec.image_size)
     return image
 
 

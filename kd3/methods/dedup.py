@@ -34,9 +34,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 import torch
-from torchvision.transforms.v2 import functional as TF
 
-from kd3.data.images import match_channels
+from kd3.data.images import match_channels, resize_square
 
 EXACT = "exact_duplicate"
 NEAR = "near_duplicate"
@@ -77,7 +76,7 @@ def perceptual_descriptors(images: Sequence[np.ndarray | torch.Tensor], size: in
         x = image if isinstance(image, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(image))
         x = match_channels(x, 3).float()
         if tuple(x.shape[-2:]) != (work, work):
-            x = TF.resize(x, [work, work], antialias=True)
+            x = resize_square(x, work)
         resized.append(x)
     batch = torch.stack(resized).double()  # [N, 3, work, work]
     m = max_shift
@@ -228,7 +227,7 @@ def verification_images(images: Sequence[np.ndarray | torch.Tensor], size: int) 
     for k, image in enumerate(images):
         x = image if isinstance(image, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(image))
         x = match_channels(x, 3).float()
-        out[k] = TF.resize(x, [size, size], antialias=True) if tuple(x.shape[-2:]) != (size, size) else x
+        out[k] = resize_square(x, size)
     return out
 
 
