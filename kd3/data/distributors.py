@@ -29,11 +29,11 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
+from kd3.data.loopback import LOOPBACK
 from kd3.errors import ConfigError, Kd3Error
 
 log = logging.getLogger(__name__)
 
-LOOPBACK = "127.0.0.1"
 #: distributor → (the module it imports, the kd3 extra that installs it)
 EXTRAS = {"pyspark": ("pyspark", "spark"), "ray": ("ray", "ray")}
 #: log4j2 configuration for the Spark driver: errors only (its INFO/WARN start-up lines otherwise fill stderr)

@@ -87,10 +87,7 @@ def resize_square(image: torch.Tensor, size: int) -> torch.Tensor:
 
 def prepare_uint8(image: torch.Tensor, spec: InputSpec) -> torch.Tensor:
     """uint8 [C, H, W] (or [N, C, H, W]) → uint8 at the model's channel count and square size."""
-    image = match_channels(image, spec.channels)
-    if tuple(image.shape[-2:]) != (spec.image_size, spec.image_size):
-        image = resize_square(image, spec.image_size)
-    return image
+    return resize_square(match_channels(image, spec.channels), spec.image_size)
 
 
 def normalize(batch_uint8: torch.Tensor, spec: InputSpec) -> torch.Tensor:

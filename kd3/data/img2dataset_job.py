@@ -1,8 +1,8 @@
 """The img2dataset call of the download stage, in a module light enough for the child process it
 runs in (:func:`kd3.children.run_in_group` spawns a fresh interpreter, which imports the target's
 module): stdlib only here, so the child imports img2dataset and nothing of the stage (kd3.stages
-pulls in torchvision, pandas and pydantic: ~3 s of CPU per download before the first request).
-``distributor: pyspark / ray`` also imports :mod:`kd3.data.distributors` (stdlib and kd3.errors only)."""
+pulls in torch, pandas and pydantic: ~3 s of CPU per download before the first request).
+``distributor: pyspark / ray`` also imports :mod:`kd3.data.distributors` (stdlib, kd3.errors and kd3.data.loopback only)."""
 
 from __future__ import annotations
 

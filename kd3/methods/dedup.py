@@ -75,9 +75,7 @@ def perceptual_descriptors(images: Sequence[np.ndarray | torch.Tensor], size: in
     for image in images:
         x = image if isinstance(image, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(image))
         x = match_channels(x, 3).float()
-        if tuple(x.shape[-2:]) != (work, work):
-            x = resize_square(x, work)
-        resized.append(x)
+        resized.append(resize_square(x, work))
     batch = torch.stack(resized).double()  # [N, 3, work, work]
     m = max_shift
     padded = torch.nn.functional.pad(batch, (m, m, m, m), mode="replicate") if m else batch
